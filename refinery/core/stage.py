@@ -1,0 +1,29 @@
+"""What every stage receives: the run directory, seed, models and tasks of the run."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from refinery.core.models import ModelsConfig
+from refinery.core.tasks import TasksConfig
+
+
+@dataclass
+class Context:
+    """Run-wide settings shared by the stages; each stage also gets its own config section."""
+
+    run_dir: Path
+    seed: int
+    models: ModelsConfig
+    tasks: TasksConfig
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+
+@dataclass
+class Result:
+    """What a stage returns: metrics for its manifest and the files it wrote (relative to its dir)."""
+
+    metrics: dict
+    outputs: list[str]

@@ -1,0 +1,46 @@
+"""Config of the `evaluate` and `report` stages."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from refinery.core.config import check
+
+MODELS = ("teacher", "student_base", "student", "student_quant")
+
+
+@dataclass
+class LatencyConfig:
+    """Per-token latency: median decode ms/token and prefill tokens/s, batch size 1."""
+
+    enabled: bool = True
+    prompt_tokens: int = 128
+    new_tokens: int = 32
+    repeats: int = 3
+
+    def __post_init__(self):
+        for name in ("prompt_tokens", "new_tokens", "repeats"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+
+
+@dataclass
+class EvaluateConfig:
+    """Accuracy (lm-eval), bytes and latency of each model of the run."""
+
+    models: list[str] = field(default_factory=lambda: list(MODELS))
+    """Which of teacher, student_base (undistilled), student (distilled fp), student_quant (GPTQ) to score."""
+    backend: Literal["hf"] = "hf"
+    batch_size: int = 16
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+
+    def __post_init__(self):
+        bad = [m for m in self.models if m not in MODELS]
+        check(not bad, "models", self.models, f"a list drawn from {', '.join(MODELS)}")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass
+class ReportConfig:
+    """The markdown report and its PNG plots."""
+
+    title: str = "llm-refinery run"

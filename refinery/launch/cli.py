@@ -1,0 +1,72 @@
+"""`refinery`: run the whole pipeline or one stage.
+
+    refinery run configs/quickstart.yaml [dotted.key=value ...]
+    refinery generate|distill|quantize|evaluate|report CONFIG [overrides]
+    refinery check CONFIG [overrides]        # validate only, print the resolved config
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from refinery.core.config import ConfigError, to_dict
+
+STAGE_CMDS = ("generate", "distill", "quantize", "evaluate", "report")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="refinery", description="Distill, quantize and evaluate a small student LLM.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, help_ in [("run", "all stages, skipping those already complete"),
+                        ("check", "validate a config and print it resolved"),
+                        *[(s, f"only the {s} stage (needs the previous stages' outputs)") for s in STAGE_CMDS]]:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.steps=50")
+        if name != "check":
+            sp.add_argument("--force", action="store_true", help="re-run even if the stage is complete")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    from refinery.launch.config import load
+
+    try:
+        cfg = load(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"refinery: config error: {e}", file=sys.stderr)
+        return 2
+    if args.cmd == "check":
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    from refinery.launch.stages import run_pipeline, run_stage
+
+    logging.getLogger("refinery").info("run dir: %s", cfg.run_dir)
+    try:
+        if args.cmd == "run":
+            results = run_pipeline(cfg, force=args.force)
+        else:
+            results = [run_stage(cfg, args.cmd, force=args.force)]
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"refinery: {e}", file=sys.stderr)
+        return 2
+    _summary(cfg, results)
+    return 0
+
+
+def _summary(cfg, results: list[dict]) -> None:
+    print(f"\n{'stage':<10} {'status':<10} {'wall s':>8}")
+    for r in results:
+        status = "skipped" if r["skipped"] else "done"
+        print(f"{r['stage']:<10} {status:<10} {r.get('wall_s', 0):>8.1f}")
+    report = f"{cfg.run_dir}/report/REPORT.md"
+    print(f"\noutputs: {cfg.run_dir}/  (report: {report})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

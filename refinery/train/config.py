@@ -1,0 +1,85 @@
+"""Config of the `distill` stage: LoRA student trained on teacher logits."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from refinery.core.config import check
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                        "gate_proj", "up_proj", "down_proj"])
+
+    def __post_init__(self):
+        check(self.r >= 1, "r", self.r, "an integer >= 1")
+        check(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
+        check(bool(self.targets), "targets", self.targets, "at least one module name")
+
+
+@dataclass
+class LossConfig:
+    """loss = alpha * T^2 * D(teacher_T, student_T) + (1 - alpha) * CE."""
+
+    alpha: float = 1.0
+    temperature: float = 2.0
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    jsd_beta: float = 0.5
+
+    def __post_init__(self):
+        check(0 <= self.alpha <= 1, "alpha", self.alpha, "a number in [0, 1]")
+        check(self.temperature > 0, "temperature", self.temperature, "a number > 0")
+        check(0 < self.jsd_beta < 1, "jsd_beta", self.jsd_beta, "a number in (0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    """Muon on 2-D matrices (LoRA A and B), AdamW on the rest; or AdamW everywhere."""
+
+    name: Literal["muon", "adamw"] = "muon"
+    lr: float = 0.02
+    """Muon learning rate (for `adamw`, the AdamW learning rate)."""
+    adamw_lr: float = 3e-4
+    """AdamW learning rate for the params Muon does not take."""
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    weight_decay: float = 0.0
+    lr_scale: Literal["original", "match_rms_adamw", "none"] = "original"
+    """Muon per-shape LR rule: max(1, rows/cols)**0.5 (original), 0.2*sqrt(max(rows, cols)), or none."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 10
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self):
+        check(self.lr > 0, "lr", self.lr, "a number > 0")
+        check(self.adamw_lr > 0, "adamw_lr", self.adamw_lr, "a number > 0")
+        check(0 <= self.momentum < 1, "momentum", self.momentum, "a number in [0, 1)")
+        check(self.ns_steps >= 1, "ns_steps", self.ns_steps, "an integer >= 1")
+        check(len(self.betas) == 2, "betas", self.betas, "two numbers")
+        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
+
+
+@dataclass
+class DistillConfig:
+    """Training of the LoRA student from the teacher's temperature-softened logits."""
+
+    steps: int = 150
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_seq_len: int = 192
+    checkpoint_every: int = 25
+    keep_checkpoints: int = 2
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "max_seq_len", "checkpoint_every", "keep_checkpoints"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
