@@ -30,13 +30,17 @@ def tiny_student(smollm2_path) -> str:
     return str(derive_student(smollm2_path, 2))
 
 
-def tiny_config(tmp_path, tiny_teacher, tiny_student, **sections):
-    """A PipelineConfig for a few-second run of any stage on the tiny models."""
+@pytest.fixture
+def tiny_config(tmp_path, tiny_teacher, tiny_student):
+    """Factory: tiny_config(distill={"steps": 3}) -> a PipelineConfig on the tiny models."""
     from refinery.launch.config import load
 
-    overrides = [f"run_dir={tmp_path / 'run'}", f"models.teacher={tiny_teacher}",
-                 f"models.student.path={tiny_student}", "tasks.names=[siqa, strategyqa]",
-                 "tasks.eval_limit=20"]
-    for section, values in sections.items():
-        overrides += [f"{section}.{k}={v}" for k, v in values.items()]
-    return load(None, overrides)
+    def make(**sections):
+            overrides = [f"run_dir={tmp_path / 'run'}", f"models.teacher={tiny_teacher}",
+                     f"models.student.path={tiny_student}", "tasks.names=[siqa, strategyqa]",
+                     "tasks.eval_limit=20"]
+        for section, values in sections.items():
+            overrides += [f"{section}.{k}={v}" for k, v in values.items()]
+        return load(None, overrides)
+
+    return make
