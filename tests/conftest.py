@@ -36,7 +36,7 @@ def tiny_config(tmp_path, tiny_teacher, tiny_student):
     from refinery.launch.config import load
 
     def make(**sections):
-            overrides = [f"run_dir={tmp_path / 'run'}", f"models.teacher={tiny_teacher}",
+        overrides = [f"run_dir={tmp_path / 'run'}", f"models.teacher={tiny_teacher}",
                      f"models.student.path={tiny_student}", "tasks.names=[siqa, strategyqa]",
                      "tasks.eval_limit=20"]
         for section, values in sections.items():
