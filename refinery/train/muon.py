@@ -1,0 +1,209 @@
+"""Our Muon optimizer, the AdamW side group, and the learning-rate schedule.
+
+Muon (https://kellerjordan.github.io/posts/muon/) replaces each 2-D update by the nearest
+semi-orthogonal matrix: momentum (Nesterov) -> 5 Newton-Schulz quintic iterations in bf16 on
+X / ||X||_F -> a per-shape learning-rate scale. It matches `torch.optim.Muon` step for step
+(tests/unit/test_muon.py) but is written for what torch's is not:
+
+- `orthogonalize(list_of_matrices)` is a separate function and `Muon._orthogonalize` the one
+  hook a distributed subclass overrides (each rank orthogonalizes its share, then all_gather);
+- the per-shape LR rule is a declared setting (`lr_scale`), searchable like any other key;
+- param groups with `use_muon=False` get AdamW in the same optimizer, so one scheduler and one
+  state_dict cover the whole student (as in the reference `MuonWithAuxAdam`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+LR_SCALES = ("original", "match_rms_adamw", "none")
+
+
+def lr_scale(rule: str, shape: tuple[int, ...]) -> float:
+    """Muon's per-shape learning-rate multiplier for a (rows, cols) matrix.
+
+    `original` = max(1, rows/cols) ** 0.5 (Keller Jordan), `match_rms_adamw` = 0.2 * sqrt(max(rows, cols))
+    (Moonshot: update RMS like AdamW's, so AdamW learning rates carry over), `none` = 1.
+    """
+    rows, cols = shape[0], shape[1]
+    if rule == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    if rule == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    if rule == "none":
+        return 1.0
+    raise ValueError(f"Muon lr_scale: got {rule!r}, expected one of {', '.join(LR_SCALES)}")
+
+
+def newton_schulz(g: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                  eps: float = 1e-7) -> Tensor:
+    """Approximate U V^T of g = U S V^T with the quintic Newton-Schulz iteration, in bf16.
+
+    The coefficients maximize the slope at 0, so singular values land in roughly [0.7, 1.2]
+    rather than exactly 1; that is what Muon wants (fast, and the loss does not care).
+    """
+    if g.ndim != 2:
+        raise ValueError(f"newton_schulz needs a 2-D matrix, got shape {tuple(g.shape)}")
+    a, b, c = coefficients
+    x = g.bfloat16()
+    tall = g.size(0) > g.size(1)
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.T
+    # Frobenius norm >= spectral norm, so all singular values start in [0, 1].
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, poly, x, beta=a)
+    return x.T if tall else x
+
+
+def orthogonalize(updates: list[Tensor], steps: int = 5,
+                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> list[Tensor]:
+    """Newton-Schulz over a list of matrices; independent per matrix, so it shards across ranks."""
+    return [newton_schulz(u, steps, coefficients) for u in updates]
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D matrices; groups with `use_muon=False` are updated with AdamW instead.
+
+    Muon groups: lr, momentum, nesterov, ns_steps, weight_decay, lr_scale.
+    AdamW groups: lr, betas, eps, weight_decay. Weight decay is decoupled in both:
+    p <- p * (1 - lr * weight_decay), with the unscaled group lr (as torch.optim.Muon does).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, weight_decay: float = 0.0, lr_scale: str = "original",
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):
+        if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or ns_steps < 1:
+            raise ValueError(f"Muon: bad hyperparameters lr={lr} momentum={momentum} "
+                             f"weight_decay={weight_decay} ns_steps={ns_steps}")
+        if lr_scale not in LR_SCALES:
+            raise ValueError(f"Muon lr_scale: got {lr_scale!r}, expected one of {', '.join(LR_SCALES)}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        weight_decay=weight_decay, lr_scale=lr_scale, betas=tuple(betas), eps=eps,
+                        use_muon=True)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if not group["use_muon"]:
+                continue
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(
+                        f"Muon takes only 2-D matrices, got a parameter of shape {tuple(p.shape)}: "
+                        "put embeddings, norms, biases and other non-2-D params in a group with "
+                        "use_muon=False (AdamW), e.g. via refinery.train.muon.build_optimizer")
+
+    def _orthogonalize(self, updates: list[Tensor], group: dict) -> list[Tensor]:
+        """The one step a distributed Muon replaces (shard the list, orthogonalize, all_gather)."""
+        return orthogonalize(updates, group["ns_steps"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every param with a gradient; returns closure() if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["use_muon"]:
+                self._muon_step(group, params)
+            else:
+                self._adamw_step(group, params)
+        return loss
+
+    def _muon_step(self, group: dict, params: list[Tensor]) -> None:
+        mu, lr = group["momentum"], group["lr"]
+        updates = []
+        for p in params:
+            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+            # EMA form of momentum (buf = mu*buf + (1-mu)*g); the scale is removed by the
+            # normalization inside Newton-Schulz, so this equals the classic form's direction.
+            buf.lerp_(p.grad, 1 - mu)
+            updates.append(p.grad.lerp(buf, mu) if group["nesterov"] else buf)
+        for p, u in zip(params, self._orthogonalize(updates, group)):
+            p.mul_(1 - lr * group["weight_decay"])
+            p.add_(u.to(p.dtype), alpha=-lr * lr_scale(group["lr_scale"], tuple(p.shape)))
+
+    def _adamw_step(self, group: dict, params: list[Tensor]) -> None:
+        (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
+        for p in params:
+            st = self.state[p]
+            if "step" not in st:
+                st["step"] = torch.tensor(0.0)
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+            st["step"] += 1
+            t = st["step"].item()
+            st["exp_avg"].lerp_(p.grad, 1 - b1)
+            st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
+            p.mul_(1 - lr * group["weight_decay"])
+            p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+
+
+def split_params(model: torch.nn.Module) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
+    """(Muon params, AdamW params) among the trainable ones, as (name, param) pairs.
+
+    Muon gets 2-D hidden matrices (LoRA A and B, linear weights). AdamW gets everything else:
+    1-D params (norms, biases) and the token embeddings / lm_head, whose rows are looked up
+    one token at a time so an orthogonalized whole-matrix update makes no sense for them.
+    """
+    muon, adamw = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_io = any(k in name for k in ("embed_tokens", "lm_head", "wte", "embed_out", "word_embeddings"))
+        (muon if p.ndim == 2 and not is_io else adamw).append((name, p))
+    return muon, adamw
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """The optimizer for `model`'s trainable params from an OptimConfig.
+
+    `muon`: one Muon with a Muon group (2-D hidden matrices, lr=cfg.lr) and an AdamW group
+    (the rest, lr=cfg.adamw_lr). `adamw`: torch AdamW on everything at cfg.lr.
+    """
+    muon, adamw = split_params(model)
+    if not muon and not adamw:
+        raise ValueError("build_optimizer: the model has no trainable parameters (is the LoRA adapter attached?)")
+    betas = tuple(cfg.betas)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW([p for _, p in muon + adamw], lr=cfg.lr, betas=betas,
+                                 weight_decay=cfg.weight_decay)
+    groups = []
+    if muon:
+        groups.append({"params": [p for _, p in muon], "use_muon": True, "lr": cfg.lr})
+    if adamw:
+        groups.append({"params": [p for _, p in adamw], "use_muon": False, "lr": cfg.adamw_lr})
+    return Muon(groups, momentum=cfg.momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps,
+                weight_decay=cfg.weight_decay, lr_scale=cfg.lr_scale, betas=betas)
+
+
+def lr_lambda(step: int, total: int, warmup: int, schedule: str, min_ratio: float = 0.1):
+    """LR multiplier at `step` (0-based): linear warmup, then constant, cosine or linear decay to min_ratio."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - (1 - min_ratio) * progress
+    raise ValueError(f"schedule: got {schedule!r}, expected constant, cosine or linear")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int):
+    """A LambdaLR applying `lr_lambda` to every group (Muon and AdamW share the shape of the schedule)."""
+    from functools import partial
+
+    fn = partial(lr_lambda, total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
