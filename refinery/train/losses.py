@@ -1,0 +1,80 @@
+"""The distillation loss: alpha * T^2 * D(teacher_T || student_T) + (1 - alpha) * CE.
+
+Logits come in already aligned with their targets (position t predicts labels[t]; the caller
+shifts). Everything is averaged over the tokens where `mask` is true.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+class KDLoss(NamedTuple):
+    """The training loss and its parts (the unscaled divergence and the cross-entropy)."""
+
+    loss: Tensor
+    kd: Tensor
+    ce: Tensor
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) per row, from log-probabilities (0 * log 0 counted as 0, not nan)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+
+
+def token_divergence(teacher_logp: Tensor, student_logp: Tensor, kind: str, jsd_beta: float = 0.5) -> Tensor:
+    """Per-token divergence between teacher p and student q (rows of log-probabilities).
+
+    forward_kl = KL(p || q) (mean-seeking, the method's choice); reverse_kl = KL(q || p)
+    (mode-seeking); jsd = beta * KL(p || m) + (1 - beta) * KL(q || m) with
+    m = beta * p + (1 - beta) * q (the generalized JSD of GKD; beta = 0.5 is the symmetric JSD).
+    """
+    if kind == "forward_kl":
+        return _kl(teacher_logp, student_logp)
+    if kind == "reverse_kl":
+        return _kl(student_logp, teacher_logp)
+    if kind == "jsd":
+        if not 0 < jsd_beta < 1:
+            raise ValueError(f"jsd_beta: got {jsd_beta}, expected a number in (0, 1)")
+        log_m = torch.logsumexp(torch.stack([teacher_logp + math.log(jsd_beta),
+                                             student_logp + math.log(1 - jsd_beta)]), dim=0)
+        return jsd_beta * _kl(teacher_logp, log_m) + (1 - jsd_beta) * _kl(student_logp, log_m)
+    raise ValueError(f"divergence: got {kind!r}, expected one of {', '.join(DIVERGENCES)}")
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, mask: Tensor,
+            alpha: float = 1.0, temperature: float = 2.0, divergence: str = "forward_kl",
+            jsd_beta: float = 0.5) -> KDLoss:
+    """alpha * T^2 * D(teacher_T || student_T) + (1 - alpha) * CE, averaged over masked-in tokens.
+
+    student_logits, teacher_logits: (..., V); labels, mask: (...). The T^2 factor keeps the
+    gradient scale of the soft term independent of T (Hinton et al.). `divergence` is one of
+    forward_kl, reverse_kl, jsd (see token_divergence). teacher_logits may be None only when alpha == 0.
+    """
+    if not 0 <= alpha <= 1 or temperature <= 0:
+        raise ValueError(f"kd_loss: alpha must be in [0, 1] and temperature > 0, got {alpha}, {temperature}")
+    mask = mask.bool()
+    if not mask.any():
+        raise ValueError("kd_loss: the mask selects no tokens (every example empty or padded out)")
+    # Select the counted tokens first: padding never reaches the vocab-sized softmaxes.
+    s = student_logits[mask].float()
+    ce = F.cross_entropy(s, labels[mask])
+    if teacher_logits is None:
+        if alpha > 0:
+            raise ValueError("kd_loss: teacher_logits is None but alpha > 0")
+        return KDLoss(ce, torch.zeros_like(ce), ce)
+    t = teacher_logits[mask].float()
+    if t.shape != s.shape:
+        raise ValueError(f"kd_loss: teacher logits {tuple(t.shape)} and student logits {tuple(s.shape)} "
+                         "differ; teacher and student must share the tokenizer and vocab size")
+    kd = token_divergence(F.log_softmax(t / temperature, -1), F.log_softmax(s / temperature, -1),
+                          divergence, jsd_beta).mean()
+    loss = alpha * temperature ** 2 * kd + (1 - alpha) * ce
+    return KDLoss(loss, kd, ce)
