@@ -14,15 +14,38 @@ class QuantizeConfig:
     method: Literal["gptq"] = "gptq"
     bits: int = 4
     group_size: int = 64
-    """Must divide every quantized layer's input width, or vLLM cannot load the result."""
+    """Must divide every quantized layer's input width, or vLLM cannot load the result (checked before
+    quantizing; -1 = one group per output channel)."""
     act_order: bool = True
+    """Quantize columns in order of activation magnitude, with static groups (GPTQModel's
+    `act_group_aware`): the checkpoint keeps desc_act=false, so vLLM still loads it."""
+    desc_act: bool = False
+    """Classic dynamic activation ordering (GPTQ `desc_act`). transformers loads the result but
+    vLLM 0.32 refuses it; exclusive with `act_order`."""
     sym: bool = True
     damp_percent: float = 0.05
     calibration_samples: int = 128
+    """Texts from generate/data.jsonl used to calibrate (rows held out for the error metric are never used)."""
     calibration_max_len: int = 256
+    """Calibration texts are truncated to this many tokens."""
+    error_samples: int = 8
+    """Held-out data.jsonl rows on which the quantized model is compared with the merged one (KL, perplexity)."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype of the weights GPTQ leaves unquantized (embeddings, norms, lm_head) in the GPTQ checkpoint."""
+    merge_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the merged (LoRA folded in) float checkpoint."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where GPTQ runs; `auto` takes CUDA when available, else CPU."""
 
     def __post_init__(self):
         check(self.bits in (3, 4, 8), "bits", self.bits, "3, 4 or 8")
-        check(self.group_size == -1 or self.group_size >= 16, "group_size", self.group_size, "-1 or an integer >= 16")
+        check(self.group_size == -1 or self.group_size >= 16, "group_size", self.group_size,
+              "-1 or an integer >= 16")
+        check(not (self.act_order and self.desc_act), "desc_act", self.desc_act,
+              "false when act_order is true (choose one: act_order keeps the checkpoint vLLM-loadable)")
+        check(not (self.act_order and self.group_size == -1), "act_order", self.act_order,
+              "false when group_size is -1 (static activation ordering works on groups)")
         check(0 < self.damp_percent < 1, "damp_percent", self.damp_percent, "a number in (0, 1)")
         check(self.calibration_samples >= 1, "calibration_samples", self.calibration_samples, "an integer >= 1")
+        check(self.calibration_max_len >= 8, "calibration_max_len", self.calibration_max_len, "an integer >= 8")
+        check(self.error_samples >= 1, "error_samples", self.error_samples, "an integer >= 1")

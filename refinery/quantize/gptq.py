@@ -1,0 +1,180 @@
+"""The `quantize` stage: merge the distilled LoRA into the student, then GPTQ W{bits}A16.
+
+    refinery quantize configs/quickstart.yaml [quantize.group_size=32 ...]
+
+Reads `<run_dir>/distill/adapter/` and `<run_dir>/generate/data.jsonl`; writes
+`<run_dir>/quantize/merged/` (float HF checkpoint) and `<run_dir>/quantize/gptq/` (GPTQ
+checkpoint that transformers and vLLM load). `quantize_model` works on any HF checkpoint,
+for GPTQ-only baselines.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+from refinery.core.config import ConfigError, to_dict
+from refinery.core.manifest import atomic_path, dir_bytes, read_jsonl
+from refinery.core.models import resolve_models
+from refinery.core.prompts import example_text
+from refinery.core.stage import Context, Result
+from refinery.quantize.config import QuantizeConfig
+from refinery.quantize.merge import check_adapter, merge_lora
+from refinery.quantize.shapes import check_group_size, in_layers, quantizable_widths, safetensors_bytes
+
+log = logging.getLogger("refinery.quantize")
+RECIPE = "refinery_quantize.json"
+
+
+def run(ctx: Context, cfg: QuantizeConfig) -> Result:
+    """Merge `distill/adapter` into the student base, GPTQ it, and measure size and error."""
+    adapter = ctx.stage_dir("distill") / "adapter"
+    check_adapter(adapter)
+    calib, held_out = split_texts(load_rows(ctx.stage_dir("generate") / "data.jsonl"),
+                                  cfg.calibration_samples, cfg.error_samples, ctx.seed)
+    _, student = resolve_models(ctx.models)
+    trust = ctx.models.trust_remote_code
+    widths = quantizable_widths(student, trust)
+    check_group_size(widths, cfg.group_size)  # fail before the merge, not after it
+    out = ctx.stage_dir("quantize")
+    merged = merge_lora(student, adapter, out / "merged", cfg.merge_dtype, trust)
+    stats = quantize_model(merged, out / "gptq", cfg, calib, trust)
+    error = measure_error(merged, out / "gptq", held_out, cfg.calibration_max_len, trust)
+    merged_bytes, gptq_bytes = dir_bytes(merged), dir_bytes(out / "gptq")
+    layers_fp = safetensors_bytes(merged, in_layers(widths))
+    metrics = {
+        **stats, **error,
+        "merged_bytes": merged_bytes,
+        "gptq_bytes": gptq_bytes,
+        "ratio": round(merged_bytes / gptq_bytes, 3),
+        "quantized_layers_bytes_merged": layers_fp,
+        "quantized_layers_ratio": round(layers_fp / stats["quantized_layers_bytes"], 3),
+    }
+    log.info("quantize: %.1f MB -> %.1f MB (x%.2f), KL %.4f, ppl %.2f -> %.2f, %.1f s", merged_bytes / 1e6,
+             gptq_bytes / 1e6, metrics["ratio"], error["kl_mean"], error["ppl_merged"], error["ppl_quant"],
+             stats["quantize_s"])
+    outputs = sorted(str(p.relative_to(out)) for d in (merged, out / "gptq") for p in d.rglob("*") if p.is_file())
+    return Result(metrics=metrics, outputs=outputs)
+
+
+def load_rows(path: Path) -> list[dict]:
+    """The generated Alpaca rows; a clear error if the generate stage has not produced them."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no calibration data at {path}: run `refinery generate` first")
+    rows = read_jsonl(path)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not row.get("instruction") or "output" not in row:
+            raise ValueError(f"{path} line {i + 1} is not an Alpaca row with 'instruction' and 'output': "
+                             "re-run `refinery generate`")
+    if len(rows) < 2:
+        raise ValueError(f"{path} has {len(rows)} rows; quantize needs at least 2 (calibration + error check): "
+                         "generate more data (e.g. raise generate.seeds_per_task)")
+    return rows
+
+
+def split_texts(rows: list[dict], n_calib: int, n_error: int, seed: int) -> tuple[list[str], list[str]]:
+    """(calibration texts, held-out error texts) in the shared prompt format; the two never overlap.
+
+    At most a quarter of the rows (and at least one) is held out, so calibration keeps most of a
+    small data set.
+    """
+    texts = [example_text(r)[1] for r in rows]
+    random.Random(seed).shuffle(texts)
+    k = max(1, min(n_error, len(texts) // 4))
+    held_out, calib = texts[:k], texts[k:k + n_calib]
+    if len(calib) < n_calib:
+        log.warning("quantize: only %d calibration texts available (asked for %d)", len(calib), n_calib)
+    return calib, held_out
+
+
+def quantize_model(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, calibration_texts: list[str],
+                   trust_remote_code: bool = False) -> dict:
+    """GPTQ-quantize the HF checkpoint at `model_dir` into `out_dir` (written atomically).
+
+    Checks the group size against every quantized layer first. Returns quantize_s, bits,
+    group_size, calibration_samples, calibration_tokens, gptq_bytes and
+    quantized_layers_bytes (bytes of the packed layers in the output).
+    """
+    widths = quantizable_widths(model_dir, trust_remote_code)
+    check_group_size(widths, cfg.group_size)
+    if not calibration_texts:
+        raise ValueError("quantize_model needs at least one calibration text")
+    _gptq_env()
+    import torch
+    from gptqmodel import GPTQModel
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    calib = []
+    for text in calibration_texts:
+        enc = tokenizer(text, truncation=True, max_length=cfg.calibration_max_len)
+        calib.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    started = time.time()
+    model = GPTQModel.load(str(model_dir), gptq_config(cfg), dtype=getattr(torch, cfg.dtype),
+                           trust_remote_code=trust_remote_code)
+    # min_length=1: GPTQModel silently drops texts under 10 tokens by default; short answers are real data.
+    model.quantize(calib, tokenizer=tokenizer, batch_size=1, calibration_data_min_length=1)
+    out_dir = Path(out_dir)
+    recipe = {"config": to_dict(cfg), "source": str(model_dir), "calibration_samples": len(calib),
+              "calibration_tokens": sum(len(c["input_ids"]) for c in calib)}
+    with atomic_path(out_dir) as tmp:
+        model.save(str(tmp))
+        (tmp / RECIPE).write_text(json.dumps(recipe, indent=2) + "\n")
+    quantize_s = round(time.time() - started, 2)
+    del model
+    gc.collect()
+    return {"quantize_s": quantize_s, "bits": cfg.bits, "group_size": cfg.group_size,
+            "calibration_samples": recipe["calibration_samples"],
+            "calibration_tokens": recipe["calibration_tokens"],
+            "gptq_bytes": dir_bytes(out_dir),
+            "quantized_layers_bytes": safetensors_bytes(out_dir, in_layers(widths))}
+
+
+def gptq_config(cfg: QuantizeConfig):
+    """GPTQModel's QuantizeConfig for our settings (desc_act stays false unless asked: vLLM refuses it)."""
+    from gptqmodel import QuantizeConfig as GPTQModelConfig
+
+    return GPTQModelConfig(bits=cfg.bits, group_size=cfg.group_size, desc_act=cfg.desc_act,
+                           act_group_aware=cfg.act_order, sym=cfg.sym, damp_percent=cfg.damp_percent,
+                           device=quant_device(cfg))
+
+
+def quant_device(cfg: QuantizeConfig) -> str:
+    """`cuda:0` or `cpu`: the only GPU-specific choice of this stage."""
+    import torch
+
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("quantize.device: got 'cuda' but no CUDA device is visible; use auto or cpu")
+        return "cuda:0"
+    return "cpu"
+
+
+def _gptq_env() -> None:
+    # GPTQModel's CPU pool defaults to (cores + 1) // 2 workers: one on 2 cores, where quantization
+    # stalls; REFERENCE.md measured it working with 2. Read at import, so set before importing it.
+    default = max(2, ((os.cpu_count() or 1) + 1) // 2)
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(default))
+
+
+def measure_error(merged_dir: str | Path, gptq_dir: str | Path, texts: list[str], max_len: int,
+                  trust_remote_code: bool = False) -> dict:
+    """Quantization error of `gptq_dir` against the float `merged_dir` on held-out texts (see load.py)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from refinery.quantize.load import load_quantized, quantization_error
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=trust_remote_code)
+    ref = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32,
+                                               trust_remote_code=trust_remote_code).eval()
+    quant = load_quantized(gptq_dir, trust_remote_code=trust_remote_code)
+    try:
+        return quantization_error(ref, quant, tokenizer, texts, max_len)
+    finally:
+        del ref, quant
+        gc.collect()
