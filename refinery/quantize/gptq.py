@@ -54,7 +54,7 @@ def run(ctx: Context, cfg: QuantizeConfig) -> Result:
         "quantized_layers_bytes_merged": layers_fp,
         "quantized_layers_ratio": round(layers_fp / stats["quantized_layers_bytes"], 3),
     }
-    log.info("quantize: %.1f MB -> %.1f MB (x%.2f), KL %.4f, ppl %.2f -> %.2f, %.1f s", merged_bytes / 1e6,
+    log.info("quantize: %.1f MB -> %.1f MB (x%.2f), KL %.4f, ppl %.4g -> %.4g, %.1f s", merged_bytes / 1e6,
              gptq_bytes / 1e6, metrics["ratio"], error["kl_mean"], error["ppl_merged"], error["ppl_quant"],
              stats["quantize_s"])
     outputs = sorted(str(p.relative_to(out)) for d in (merged, out / "gptq") for p in d.rglob("*") if p.is_file())
