@@ -64,7 +64,8 @@ def test_safetensors_bytes_counts_selected_tensors(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    save_file({"model.layers.0.q.weight": torch.zeros(8, 16), "model.layers.0.q.scales": torch.zeros(4, dtype=torch.float16),
+    save_file({"model.layers.0.q.weight": torch.zeros(8, 16),
+               "model.layers.0.q.scales": torch.zeros(4, dtype=torch.float16),
                "model.embed.weight": torch.zeros(10, 4, dtype=torch.bfloat16)}, str(tmp_path / "a.safetensors"))
     save_file({"model.layers.0.q.qweight": torch.zeros(2, 16, dtype=torch.int32)}, str(tmp_path / "b.safetensors"))
     assert safetensors_bytes(tmp_path) == 8 * 16 * 4 + 4 * 2 + 10 * 4 * 2 + 2 * 16 * 4
