@@ -113,6 +113,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConf
     for text in calibration_texts:
         enc = tokenizer(text, truncation=True, max_length=cfg.calibration_max_len)
         calib.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    _redirect_gptq_logs(Path(out_dir).parent / "logs")
     started = time.time()
     model = GPTQModel.load(str(model_dir), gptq_config(cfg), dtype=getattr(torch, cfg.dtype),
                            trust_remote_code=trust_remote_code)
@@ -132,6 +133,15 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConf
             "calibration_tokens": recipe["calibration_tokens"],
             "gptq_bytes": dir_bytes(out_dir),
             "quantized_layers_bytes": safetensors_bytes(out_dir, in_layers(widths))}
+
+
+def _redirect_gptq_logs(log_dir: Path) -> None:
+    """GPTQModel writes per-layer logs to ./logs of the current directory; keep them in the stage dir."""
+    try:
+        from gptqmodel.looper import loop_processor
+    except ImportError:  # layout changed in another GPTQModel release: logs stay in ./logs
+        return
+    loop_processor._PROJECT_LOG_DIR = log_dir
 
 
 def gptq_config(cfg: QuantizeConfig):
