@@ -22,6 +22,12 @@ class GenerateConfig:
     top_p: float = 0.95
     score_threshold: float = 5.0
     """Pairs the teacher scores below this (1-10 scale) are dropped."""
+    shots: int = 3
+    """Solved seed items shown in each question/answer prompt (a small teacher copies the format)."""
+    include_seed_answers: bool = True
+    """Also keep each seed question with the answer choice the teacher picks (in-domain rows)."""
+    dedupe_threshold: float = 0.8
+    """Word-set Jaccard at or above which two questions count as near-duplicates."""
     batch_size: int = 32
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
 
@@ -30,4 +36,6 @@ class GenerateConfig:
             check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
         check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
         check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        check(self.shots >= 0, "shots", self.shots, "an integer >= 0")
+        check(0 < self.dedupe_threshold <= 1, "dedupe_threshold", self.dedupe_threshold, "a number in (0, 1]")
         check(0 <= self.score_threshold <= 10, "score_threshold", self.score_threshold, "a number in [0, 10]")
