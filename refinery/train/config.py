@@ -76,6 +76,11 @@ class DistillConfig:
     checkpoint_every: int = 25
     keep_checkpoints: int = 2
     dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the frozen weights and activations; LoRA weights and optimizer state stay float32."""
+    teacher_cache: bool = True
+    """Run the teacher body once over the data and keep its last hidden states (each step then only
+    applies its lm_head): same targets, less compute. Falls back to the live teacher when it would
+    not fit in memory or the teacher's logits are not lm_head(last hidden state)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -63,18 +63,72 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tenso
     mask = mask.bool()
     if not mask.any():
         raise ValueError("kd_loss: the mask selects no tokens (every example empty or padded out)")
+    if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"kd_loss: teacher logits {tuple(teacher_logits.shape)} and student logits "
+                         f"{tuple(student_logits.shape)} differ; teacher and student must share the "
+                         "tokenizer and vocab size")
+    if teacher_logits is not None and divergence == "forward_kl":
+        vocab = student_logits.shape[-1]
+        rows = mask.reshape(-1).nonzero().squeeze(1)
+        per_row, kd, ce = _FusedForwardKL.apply(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab),
+                                                labels.reshape(-1), rows, float(alpha), float(temperature))
+        return KDLoss(per_row.mean(), kd.mean(), ce.mean())
     # Select the counted tokens first: padding never reaches the vocab-sized softmaxes.
     s = student_logits[mask].float()
-    ce = F.cross_entropy(s, labels[mask])
+    # With alpha = 1 the CE is only logged: no graph for it (a vocab-sized backward saved).
+    with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1):
+        ce = F.cross_entropy(s, labels[mask])
     if teacher_logits is None:
         if alpha > 0:
             raise ValueError("kd_loss: teacher_logits is None but alpha > 0")
         return KDLoss(ce, torch.zeros_like(ce), ce)
-    t = teacher_logits[mask].float()
-    if t.shape != s.shape:
-        raise ValueError(f"kd_loss: teacher logits {tuple(t.shape)} and student logits {tuple(s.shape)} "
-                         "differ; teacher and student must share the tokenizer and vocab size")
-    kd = token_divergence(F.log_softmax(t / temperature, -1), F.log_softmax(s / temperature, -1),
-                          divergence, jsd_beta).mean()
+    with torch.no_grad():
+        t = teacher_logits[mask].float() / temperature
+    kd = token_divergence(F.log_softmax(t, -1), F.log_softmax(s / temperature, -1), divergence, jsd_beta).mean()
     loss = alpha * temperature ** 2 * kd + (1 - alpha) * ce
     return KDLoss(loss, kd, ce)
+
+
+class _FusedForwardKL(torch.autograd.Function):
+    """Per-token alpha*T^2*KL(p_T || q_T) + (1-alpha)*CE, its parts, and the closed-form gradient.
+
+    The step's hot spot: a dozen passes over (tokens x vocab) floats, bound by memory bandwidth
+    on CPU. Here each block of rows is read once while it sits in cache, and the gradient
+    alpha*T*(q_T - p_T) + (1-alpha)*(softmax(s) - onehot) is written then, so autograd keeps
+    no vocab-sized intermediates. Inputs are flat (rows x vocab) views; `rows` picks the counted ones.
+    """
+
+    @staticmethod
+    def forward(ctx, s, t, labels, rows, alpha, temperature):
+        n, vocab = rows.numel(), s.shape[1]
+        per_row, kd, ce = (torch.empty(n, device=s.device) for _ in range(3))
+        grad = torch.empty(n, vocab, dtype=s.dtype, device=s.device) if ctx.needs_input_grad[0] else None
+        block = max(1, (1 << 20) // vocab)  # ~4 MB of floats per temporary
+        for i in range(0, n, block):
+            r = rows[i:i + block]
+            sf, tf, lab = s[r].float(), t[r].float(), labels[r]
+            log_p = F.log_softmax(tf / temperature, -1)
+            p = log_p.exp()
+            log_q = F.log_softmax(sf / temperature, -1)
+            kd[i:i + block] = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # 0 log 0 = 0
+            lse = torch.logsumexp(sf, -1)
+            ce[i:i + block] = lse - sf.gather(1, lab[:, None]).squeeze(1)
+            if grad is not None:
+                g = (log_q.exp_() - p).mul_(alpha * temperature)
+                if alpha < 1:
+                    soft = (sf - lse[:, None]).exp_()
+                    soft.scatter_add_(1, lab[:, None], torch.full_like(lse[:, None], -1.0))
+                    g.add_(soft, alpha=1 - alpha)
+                grad[i:i + block] = g
+        per_row = alpha * temperature ** 2 * kd + (1 - alpha) * ce
+        ctx.save_for_backward(grad, rows)
+        ctx.shape = s.shape
+        ctx.mark_non_differentiable(kd, ce)
+        return per_row, kd, ce
+
+    @staticmethod
+    def backward(ctx, g_row, _g_kd, _g_ce):
+        grad, rows = ctx.saved_tensors
+        full = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device)
+        full.index_copy_(0, rows, grad * g_row[:, None].to(grad.dtype))
+        return full, None, None, None, None, None

@@ -26,6 +26,7 @@ from refinery.train.config import DistillConfig
 from refinery.train.data import collate, load_rows, sample_indices, tokenize_rows
 from refinery.train.losses import kd_loss
 from refinery.train.muon import build_optimizer, build_scheduler
+from refinery.train.teacher import Teacher
 
 log = logging.getLogger("refinery.train")
 
@@ -35,7 +36,7 @@ class Setup:
     """Everything the loop needs, built once per invocation."""
 
     student: torch.nn.Module
-    teacher: torch.nn.Module
+    teacher: Teacher
     optimizer: torch.optim.Optimizer
     scheduler: object
     seqs: list[list[int]]
@@ -84,7 +85,7 @@ def setup(ctx: Context, cfg: DistillConfig) -> Setup:
     data = ctx.stage_dir("generate") / "data.jsonl"
     rows = load_rows(data)
     dev = device()
-    student, teacher, tok, paths = load_models(ctx, cfg, dev)
+    student, teacher_model, tok, paths = load_models(ctx, cfg, dev)
     seqs = tokenize_rows(rows, tok, cfg.max_seq_len)
     cut = sum(len(s) == cfg.max_seq_len for s in seqs)
     if cut:
@@ -95,6 +96,7 @@ def setup(ctx: Context, cfg: DistillConfig) -> Setup:
     shaping = {k: v for k, v in to_dict(cfg).items() if k not in ("checkpoint_every", "keep_checkpoints")}
     key = config_hash({"distill": shaping, "seed": ctx.seed, "models": list(paths), "data": file_hash(data)})
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    teacher = Teacher(teacher_model, seqs, tok.pad_token_id, dev, cache=cfg.teacher_cache)
     return Setup(student, teacher, optimizer, scheduler, seqs, tok.pad_token_id, dev, key, trainable)
 
 
@@ -108,13 +110,15 @@ def train_step(s: Setup, cfg: DistillConfig, step: int, seed: int) -> dict:
         idx = sample_indices(len(s.seqs), seed, start, cfg.batch_size)
         ids, attn = collate([s.seqs[i] for i in idx], s.pad_id)
         ids, attn = ids.to(s.device), attn.to(s.device)
-        with torch.no_grad():
-            t_logits = s.teacher(input_ids=ids, attention_mask=attn).logits
+        t_logits = s.teacher.logits(idx, ids, attn)
         s_logits = s.student(input_ids=ids, attention_mask=attn).logits
         # KD on every non-pad position, prompt included: the teacher's full next-token
         # distribution is signal everywhere (not only on the answer), our data is small, and
         # the evaluation scores text in this same prompt format.
-        out = kd_loss(s_logits[:, :-1], t_logits[:, :-1], ids[:, 1:], attn[:, 1:].bool(),
+        # Position t predicts token t+1: shift the targets, not the (vocab-sized) logits.
+        labels = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], 1)
+        counted = torch.cat([attn[:, 1:], torch.zeros_like(attn[:, :1])], 1).bool()
+        out = kd_loss(s_logits, t_logits, labels, counted,
                       cfg.loss.alpha, cfg.loss.temperature, cfg.loss.divergence, cfg.loss.jsd_beta)
         (out.loss / cfg.grad_accum).backward()
         for k in totals:

@@ -85,6 +85,38 @@ def test_forward_kl_gradient_is_q_minus_p():
     assert s.grad[0, 0].tolist() == pytest.approx([-0.5, 0.3, 0.2], abs=1e-6)
 
 
+def test_mixed_gradient_by_hand():
+    # alpha=.5, T=1, label 0: .5 * (Q - P) + .5 * (Q - onehot(0)) = .5*[-.5,.3,.2] + .5*[-.8,.5,.3]
+    s = _logits(Q).requires_grad_(True)
+    kd_loss(s, _logits(P), torch.tensor([[0]]), torch.tensor([[True]]), alpha=0.5, temperature=1.0).loss.backward()
+    assert s.grad[0, 0].tolist() == pytest.approx([-0.65, 0.4, 0.25], abs=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_matches_torch_kl_div_and_cross_entropy(divergence):
+    """Loss and gradient on a padded batch against torch's own kl_div / cross_entropy."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(3)
+    s0, t = torch.randn(2, 6, 40, generator=g) * 3, torch.randn(2, 6, 40, generator=g) * 3
+    labels = torch.randint(0, 40, (2, 6), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]).bool()
+    s = s0.clone().requires_grad_(True)
+    out = kd_loss(s, t, labels, mask, alpha=0.3, temperature=2.0, divergence=divergence)
+    out.loss.backward()
+
+    r = s0.clone().requires_grad_(True)
+    log_q, log_p = F.log_softmax(r[mask] / 2, -1), F.log_softmax(t[mask] / 2, -1)
+    kl = (F.kl_div(log_q, log_p, log_target=True, reduction="none") if divergence == "forward_kl"
+          else F.kl_div(log_p, log_q, log_target=True, reduction="none")).sum(-1).mean()
+    ref = 0.3 * 4 * kl + 0.7 * F.cross_entropy(r[mask], labels[mask])
+    ref.backward()
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert out.kd.item() == pytest.approx(kl.item(), rel=1e-5)
+    assert torch.allclose(s.grad, r.grad, atol=1e-6)
+    assert s.grad[0, 4:].abs().max() == 0  # padded positions get no gradient
+
+
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="no tokens"):
         kd_loss(_logits(Q), _logits(P), torch.tensor([[0]]), torch.tensor([[False]]))
