@@ -19,8 +19,10 @@ class LatencyConfig:
     repeats: int = 3
 
     def __post_init__(self):
-        for name in ("prompt_tokens", "new_tokens", "repeats"):
+        for name in ("prompt_tokens", "repeats"):
             check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        # decode time per token is measured between the first and the last new token
+        check(self.new_tokens >= 2, "new_tokens", self.new_tokens, "an integer >= 2")
 
 
 @dataclass
@@ -34,13 +36,17 @@ class EvaluateConfig:
     batch_size: int = 16
     """lm-eval batch size (requests scored per forward pass)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Compute dtype; `auto` is float32 on CPU and bfloat16 on GPU."""
+    """Compute dtype, the same for every model; `auto`: bfloat16 on GPU and on CPUs with native bf16, else float32."""
+    threads: int | None = None
+    """torch CPU threads for scoring and latency (null: torch's default, the core count). On a
+    machine shared with other jobs, 1 thread can be several times faster than oversubscribed 2."""
     latency: LatencyConfig = field(default_factory=LatencyConfig)
 
     def __post_init__(self):
         bad = [m for m in self.models if m not in MODELS]
         check(not bad, "models", self.models, f"a list drawn from {', '.join(MODELS)}")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check(self.threads is None or self.threads >= 1, "threads", self.threads, "null or an integer >= 1")
 
 
 @dataclass

@@ -109,7 +109,8 @@ def _evaluate_one(name: str, path: str, ctx: Context, cfg: EvaluateConfig, specs
              "load_s": round(load_s, 2), "eval_s": round(eval_s, 2), "latency": None}
     if cfg.latency.enabled:
         lat = cfg.latency
-        entry["latency"] = measure_latency(model, tok, lat.prompt_tokens, lat.new_tokens, lat.repeats)
+        entry["latency"] = measure_latency(model, tok, lat.prompt_tokens, lat.new_tokens, lat.repeats,
+                                           threads=cfg.threads)
     del model, tok
     gc.collect()
     return entry
@@ -122,6 +123,25 @@ def run(ctx: Context, cfg: EvaluateConfig) -> Result:
     specs = build_tasks(ctx.tasks, out / "tasks")
     tm = task_manager(specs, out / "tasks")
     check_loadable(specs, tm)
+    import torch
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or old_threads)  # fixed for scoring and latency alike
+    try:
+        models = _evaluate_all(paths, ctx, cfg, specs, tm, out)
+    finally:
+        torch.set_num_threads(old_threads)
+    results = {"models": models, "tasks": [s.name for s in specs], "eval_limit": ctx.tasks.eval_limit,
+               "eval_fraction": ctx.tasks.eval_fraction, "threads": cfg.threads or old_threads}
+    write_json(out / "results.json", results)
+    log.info("evaluate: wrote %s", out / "results.json")
+    metrics = {f"{name}.mean_acc": round(m["mean_acc"], 4) for name, m in models.items()}
+    outputs = ["results.json", "tasks/"] + [f"lmeval/{n}.json" for n in models] \
+        + [f"lmeval/{n}_samples.jsonl" for n in models]
+    return Result(metrics=metrics, outputs=outputs)
+
+
+def _evaluate_all(paths: dict[str, str], ctx: Context, cfg: EvaluateConfig, specs, tm, out: Path) -> dict:
     models = {}
     for i, (name, path) in enumerate(paths.items(), 1):
         log.info("evaluate [%d/%d] %s: %s on %d tasks", i, len(paths), name, path, len(specs))
@@ -131,11 +151,4 @@ def run(ctx: Context, cfg: EvaluateConfig) -> Result:
         log.info("evaluate [%d/%d] %s: mean acc %.4f +- %.4f, %.1f s%s", i, len(paths), name,
                  models[name]["mean_acc"], models[name]["mean_acc_stderr"], time.time() - t,
                  f", decode {lat['decode_ms_per_token']:.1f} ms/token" if lat else "")
-    results = {"models": models, "tasks": [s.name for s in specs],
-               "eval_limit": ctx.tasks.eval_limit, "eval_fraction": ctx.tasks.eval_fraction}
-    write_json(out / "results.json", results)
-    log.info("evaluate: wrote %s", out / "results.json")
-    metrics = {f"{name}.mean_acc": round(m["mean_acc"], 4) for name, m in models.items()}
-    outputs = ["results.json", "tasks/"] + [f"lmeval/{n}.json" for n in models] \
-        + [f"lmeval/{n}_samples.jsonl" for n in models]
-    return Result(metrics=metrics, outputs=outputs)
+    return models

@@ -37,7 +37,7 @@ def test_evaluate_scores_two_offline_tasks_and_reports(tiny_config, tiny_student
     from refinery.evals import evaluate, report
 
     cfg = tiny_config(tasks={"eval_limit": LIMIT},
-                      evaluate={"models": "[student_base, student]", "batch_size": 4,
+                      evaluate={"models": "[student_base, student]", "batch_size": 4, "dtype": "float32", "threads": 1,
                                 "latency.prompt_tokens": 16, "latency.new_tokens": 6, "latency.repeats": 2})
     ctx = cfg.context()
     # The distilled student stands in as a copy of the base student until the quantize stage exists.
@@ -49,6 +49,7 @@ def test_evaluate_scores_two_offline_tasks_and_reports(tiny_config, tiny_student
         assert (out / rel).exists(), rel
     res = json.loads((out / "results.json").read_text())
     assert res["tasks"] == ["siqa", "strategyqa"] and set(res["models"]) == {"student_base", "student"}
+    assert res["threads"] == 1 and res["eval_limit"] == LIMIT
     base, student = res["models"]["student_base"], res["models"]["student"]
     for m in (base, student):
         assert set(m["tasks"]) == {"siqa", "strategyqa"}
@@ -61,6 +62,7 @@ def test_evaluate_scores_two_offline_tasks_and_reports(tiny_config, tiny_student
         lat = m["latency"]
         assert 0.1 < lat["decode_ms_per_token"] < 5000 and lat["prefill_tokens_per_s"] > 1
         assert lat["new_tokens"] == 6 and lat["prompt_tokens"] == 16 and lat["batch_size"] == 1
+        assert lat["threads"] == 1 and lat["dtype"] == "float32"
         # fp32 weights in memory: 4 bytes per parameter, plus small buffers (rotary frequencies)
         assert 4 * m["params"] <= lat["memory_bytes"] < 4.01 * m["params"]
     assert student["tasks"] == base["tasks"]  # same weights, same items -> same scores
