@@ -113,8 +113,9 @@ class HFEngine(Engine):
         import torch
         from transformers import AutoModelForCausalLM
 
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"  # the only GPU-specific line
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code).eval()
+            model_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code).eval().to(self.device)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
 
     def _batches(self, seqs: list[list[int]]):
@@ -130,7 +131,7 @@ class HFEngine(Engine):
             for row, i in enumerate(idx):
                 ids[row, width - len(seqs[i]):] = torch.tensor(seqs[i])
                 mask[row, width - len(seqs[i]):] = 1
-            yield idx, ids, mask
+            yield idx, ids.to(self.device), mask.to(self.device)
 
     def generate(self, prompts, max_new_tokens, temperature, top_p, seed):
         import torch

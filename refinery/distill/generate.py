@@ -8,6 +8,15 @@ solved seed items -> parsed (malformed dropped) -> deduplicated against each oth
 items and the held-out items (near-duplicates too) -> the teacher rates each pair 1-10
 (expected value of its next-token distribution) -> pairs under `score_threshold` dropped.
 
+Dedupe runs before rating only to spare the teacher work; every candidate gets exactly one
+reason, so per task: generated = malformed + duplicate + held_out + low_score + kept.
+
+Seed answers (`include_seed_answers`): each seed question also becomes a row, answered with
+the choice the teacher finds most likely in the evaluation's own cloze format. They are the
+most in-distribution rows we can make without touching held-out items, they cost one scoring
+pass and no generation, and a 135M teacher's free-form pairs are noisy, so they anchor the
+student on the exact question/answer shape it is evaluated on.
+
 Writes `<run_dir>/generate/data.jsonl` ({instruction, input, output, task, score}) and
 `rejected.jsonl` (every dropped candidate with its reason). Deterministic given the seed.
 """

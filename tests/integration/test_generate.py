@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 # The 4-layer teacher mostly writes gibberish (malformed) and rates around 2-3: the threshold
 # sits inside that range so both kept and low-score rows occur.
-SMALL = {"seeds_per_task": 2, "subtopics_per_seed": 2, "pairs_per_subtopic": 2, "max_new_tokens": 40,
+SMALL = {"seeds_per_task": 2, "subtopics_per_seed": 1, "pairs_per_subtopic": 2, "max_new_tokens": 24,
          "score_threshold": 2.5, "batch_size": 16, "dtype": "float32"}
 COLS = ("malformed", "duplicate", "held_out", "low_score", "kept")
 
