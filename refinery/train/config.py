@@ -69,11 +69,11 @@ class OptimConfig:
 class DistillConfig:
     """Training of the LoRA student from the teacher's temperature-softened logits."""
 
-    steps: int = 150
+    steps: int = 120
     batch_size: int = 8
     grad_accum: int = 1
     max_seq_len: int = 192
-    checkpoint_every: int = 25
+    checkpoint_every: int = 20
     keep_checkpoints: int = 2
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of the frozen weights and activations; LoRA weights and optimizer state stay float32."""
