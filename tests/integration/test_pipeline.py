@@ -1,0 +1,80 @@
+"""The whole pipeline through the real CLI on tiny real models: outputs, skip on re-run, kill and resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+STAGES = ["generate", "distill", "quantize", "evaluate", "report"]
+
+
+def _overrides(run_dir, teacher, student, steps=4):
+    return [f"run_dir={run_dir}", f"models.teacher={teacher}", f"models.student.path={student}",
+            "tasks.names=[siqa,strategyqa]", "tasks.eval_limit=12",
+            "generate.engine=hf", "generate.seeds_per_task=2", "generate.subtopics_per_seed=1",
+            "generate.pairs_per_subtopic=2", "generate.max_new_tokens=32", "generate.score_threshold=0",
+            f"distill.steps={steps}", "distill.batch_size=2", "distill.max_seq_len=64",
+            "distill.checkpoint_every=2", "quantize.calibration_samples=8", "quantize.calibration_max_len=64",
+            "evaluate.latency.new_tokens=4", "evaluate.latency.repeats=1", "evaluate.latency.prompt_tokens=16"]
+
+
+def _refinery(*args, timeout=900):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "refinery.launch.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_end_to_end_then_skip(tmp_path, tiny_teacher, tiny_student):
+    run_dir = tmp_path / "run"
+    res = _refinery("run", "configs/quickstart.yaml", *_overrides(run_dir, tiny_teacher, tiny_student))
+    assert res.returncode == 0, res.stderr[-3000:]
+    for stage in STAGES:
+        m = json.loads((run_dir / stage / "manifest.json").read_text())
+        assert m["status"] == "complete" and m["stage"] == stage
+    assert (run_dir / "generate" / "data.jsonl").stat().st_size > 0
+    assert (run_dir / "distill" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "quantize" / "gptq" / "config.json").is_file()
+    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    assert set(results["models"]) == {"teacher", "student_base", "student", "student_quant"}
+    for entry in results["models"].values():
+        for task in ("siqa", "strategyqa"):
+            assert 0.0 <= entry["tasks"][task]["acc"] <= 1.0
+    report = (run_dir / "report" / "REPORT.md").read_text()
+    assert "student_quant" in report
+    assert list((run_dir / "report").glob("*.png"))
+
+    again = _refinery("run", "configs/quickstart.yaml", *_overrides(run_dir, tiny_teacher, tiny_student))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped") == len(STAGES), again.stdout
+
+
+def test_kill_during_distill_then_resume(tmp_path, tiny_teacher, tiny_student):
+    run_dir = tmp_path / "run"
+    args = _overrides(run_dir, tiny_teacher, tiny_student, steps=40)
+    assert _refinery("generate", "configs/quickstart.yaml", *args).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "refinery.launch.cli", "distill", "configs/quickstart.yaml",
+                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = run_dir / "distill" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpts.is_dir() and any(ckpts.glob("step-*"))):
+        time.sleep(0.5)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any(ckpts.glob("step-*")), "no checkpoint before the kill"
+    assert not (run_dir / "distill" / "manifest.json").exists()
+
+    res = _refinery("run", "configs/quickstart.yaml", *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "generate: complete for this config, skipped" in res.stderr + res.stdout
+    steps = [json.loads(line)["step"] for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and len(steps) == 40  # resumed: no step lost, none repeated
+    assert (run_dir / "report" / "REPORT.md").is_file()
