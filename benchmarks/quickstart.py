@@ -33,7 +33,7 @@ def stage_table(run_dir: Path) -> list[str]:
         m = _manifest(run_dir, stage)
         total += m["wall_s"]
         met = m["metrics"]
-        keys = {"generate": ["engine", "kept", "tokens_per_s"], "distill": ["steps", "first_loss", "last_loss", "tokens_per_s"],
+        keys = {"generate": ["engine", "rows", "tokens_per_s"], "distill": ["steps", "first_loss", "last_loss", "tokens_per_s"],
                 "quantize": ["quantize_s", "merged_bytes", "gptq_bytes"], "evaluate": [], "report": []}[stage]
         shown = ", ".join(f"{k}={met[k]}" for k in keys if k in met)
         rows.append(f"| {stage} | {m['wall_s']:.1f} | {shown} |")

@@ -18,6 +18,7 @@ from pathlib import Path
 from refinery.core.manifest import atomic_path, read_jsonl, read_manifest
 from refinery.core.stage import Context, Result
 from refinery.evals.config import MODELS, ReportConfig
+from refinery.evals.fidelity import fidelity, fidelity_line, fidelity_table
 
 log = logging.getLogger("refinery.report")
 STAGES = ("generate", "distill", "quantize", "evaluate")
@@ -145,6 +146,17 @@ def verdict(results: dict, run_dir: Path | None = None) -> tuple[str, dict | Non
     return f"Verdict: {call}; {head}.", c
 
 
+def _teacher_note(results: dict, run_dir: Path | None) -> str | None:
+    """Say so when the teacher has no accuracy edge to pass on (accuracy then can't show distillation)."""
+    c = compare(results, "teacher", "student_base", run_dir)
+    if c is None or (c["z"] is not None and c["z"] >= 2):
+        return None
+    return (f"Note: the teacher's own mean accuracy ({c['acc_a']:.3f}) is not clearly above the undistilled "
+            f"student's ({c['acc_b']:.3f}, Δ {c['delta']:+.3f}, stderr {c['stderr']:.3f}): on these tasks the "
+            "teacher has little accuracy to pass on, so fidelity to the teacher is the measure of what "
+            "distillation transferred.")
+
+
 def _quant_line(results: dict, run_dir: Path | None) -> str | None:
     c = compare(results, "student_quant", "student", run_dir)
     if c is None:
@@ -221,6 +233,12 @@ def render(title: str, ctx: Context, results: dict, stages: list[dict], loss_row
     verdict_line, _ = verdict(results, ctx.run_dir)
     quant = _quant_line(results, ctx.run_dir)
     out = [f"# {title}", "", f"**{verdict_line}**", ""]
+    fid_line = fidelity_line(ctx.run_dir)
+    if fid_line:
+        out += [f"**{fid_line}**", ""]
+    teacher_note = _teacher_note(results, ctx.run_dir)
+    if teacher_note:
+        out += [teacher_note, ""]
     if quant:
         out += [quant, ""]
     out += ["## Config", "", *config_lines(ctx, stages), ""]
@@ -230,6 +248,10 @@ def render(title: str, ctx: Context, results: dict, stages: list[dict], loss_row
         out += ["| _no stage manifest.json found_ | | |"]
     out += ["", *generate_lines(ctx.run_dir), *distill_lines(loss_rows), ""]
     out += ["## Accuracy (held-out items, zero-shot, acc ± stderr)", "", accuracy_table(results), ""]
+    fid = fidelity(ctx.run_dir, ordered_models(results))
+    out += ["## Distillation fidelity (same held-out items)", "", fidelity_table(fid), "",
+            "Agreement: share of items where the model's most likely answer is the teacher's. "
+            "Gold-answer log-likelihood: mean over items of the correct answer's log-probability.", ""]
     out += ["## Size", "", size_table(results), ""]
     out += ["## Latency (batch size 1, this machine)", "", latency_table(results), "",
             "CPU latency compares models on this machine only; the method's ~50% per-token gain for "
@@ -272,7 +294,7 @@ def run(ctx: Context, cfg: ReportConfig) -> Result:
     verdict_line, c = verdict(results, ctx.run_dir)
     print(f"\n{accuracy_table(results)}\n\n{verdict_line}\nreport: {out / 'REPORT.md'}")
     log.info("report: wrote %s", out / "REPORT.md")
-    metrics = {"verdict": verdict_line}
+    metrics = {"verdict": verdict_line, "fidelity": fidelity_line(ctx.run_dir)}
     if c:
         metrics.update({"student_minus_base": round(c["delta"], 4), "stderr": round(c["stderr"], 4)})
     return Result(metrics=metrics, outputs=["REPORT.md", *made])

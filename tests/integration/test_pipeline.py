@@ -48,7 +48,7 @@ def test_run_end_to_end_then_skip(tmp_path, tiny_teacher, tiny_student):
         for task in ("siqa", "strategyqa"):
             assert 0.0 <= entry["tasks"][task]["acc"] <= 1.0
     report = (run_dir / "report" / "REPORT.md").read_text()
-    assert "student_quant" in report
+    assert "student_quant" in report and "Fidelity:" in report
     assert list((run_dir / "report").glob("*.png"))
 
     again = _refinery("run", "configs/quickstart.yaml", *_overrides(run_dir, tiny_teacher, tiny_student))
