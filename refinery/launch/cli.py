@@ -1,7 +1,8 @@
 """`refinery`: run the whole pipeline or one stage.
 
     refinery run configs/quickstart.yaml [dotted.key=value ...]
-    refinery generate|distill|quantize|evaluate|report CONFIG [overrides]
+    refinery generate|teacher-logits|distill|quantize|evaluate|report CONFIG [overrides]
+    refinery distill CONFIG --nproc 2 [distill.parallel.strategy=fsdp2]   # torchrun, N processes
     refinery check CONFIG [overrides]        # validate only, print the resolved config
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 from refinery.core.config import ConfigError, to_dict
 
-STAGE_CMDS = ("generate", "distill", "quantize", "evaluate", "report")
+STAGE_CMDS = ("generate", "teacher-logits", "distill", "quantize", "evaluate", "report")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.steps=50")
         if name != "check":
             sp.add_argument("--force", action="store_true", help="re-run even if the stage is complete")
+        if name in ("run", "distill"):
+            sp.add_argument("--nproc", type=int, default=None,
+                            help="training processes (sets distill.parallel.nproc; strategy ddp unless set)")
     return p
 
 
@@ -34,8 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     from refinery.launch.config import load
 
+    overrides = list(args.overrides)
     try:
-        cfg = load(args.config, args.overrides)
+        if getattr(args, "nproc", None) is not None:
+            overrides.append(f"distill.parallel.nproc={args.nproc}")
+            if args.nproc > 1 and load(args.config, args.overrides).distill.parallel.strategy == "none":
+                overrides.append("distill.parallel.strategy=ddp")
+        cfg = load(args.config, overrides)
     except ConfigError as e:
         print(f"refinery: config error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from refinery.core.tasks import TasksConfig
 from refinery.distill.config import GenerateConfig
 from refinery.evals.config import EvaluateConfig, ReportConfig
 from refinery.quantize.config import QuantizeConfig
-from refinery.train.config import DistillConfig
+from refinery.train.config import DistillConfig, TeacherLogitsConfig
 
 
 @dataclass
@@ -27,6 +27,8 @@ class PipelineConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    teacher_logits: TeacherLogitsConfig = field(default_factory=TeacherLogitsConfig)
+    """Only run when distill.teacher_source is topk."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

@@ -24,12 +24,25 @@ class Stage:
 
 STAGES = (
     Stage("generate", "generate", "refinery.distill.generate:run", ()),
+    Stage("teacher-logits", "teacher_logits", "refinery.train.teacher_logits:run", ("generate",)),
     Stage("distill", "distill", "refinery.train.trainer:run", ("generate",)),
     Stage("quantize", "quantize", "refinery.quantize.gptq:run", ("distill",)),
     Stage("evaluate", "evaluate", "refinery.evals.evaluate:run", ("distill", "quantize")),
     Stage("report", "report", "refinery.evals.report:run", ("evaluate",)),
 )
 BY_NAME = {s.name: s for s in STAGES}
+
+
+def needs(cfg, stage: Stage) -> tuple[str, ...]:
+    """The stages whose outputs `stage` reads under this config."""
+    if stage.name == "distill" and cfg.distill.teacher_source == "topk":
+        return stage.needs + ("teacher-logits",)
+    return stage.needs
+
+
+def wanted(cfg, stage: Stage) -> bool:
+    """Whether `refinery run` runs this stage (teacher-logits only feeds a topk distill)."""
+    return stage.name != "teacher-logits" or cfg.distill.teacher_source == "topk"
 
 
 def stage_identity(cfg, stage: Stage) -> tuple[dict, str]:
@@ -48,7 +61,7 @@ def run_stage(cfg, name: str, force: bool = False) -> dict:
     stage = BY_NAME[name]
     ctx = cfg.context()
     out_dir = ctx.stage_dir(name)
-    inputs = {need: manifest_hash(ctx.stage_dir(need)) for need in stage.needs}
+    inputs = {need: manifest_hash(ctx.stage_dir(need)) for need in needs(cfg, stage)}
     resolved, h = stage_identity(cfg, stage)
     if not force and is_complete(out_dir, h, inputs):
         log.info("%s: complete for this config, skipped (%s)", name, out_dir)
@@ -65,4 +78,5 @@ def run_stage(cfg, name: str, force: bool = False) -> dict:
 
 
 def run_pipeline(cfg, stages: list[str] | None = None, force: bool = False) -> list[dict]:
-    return [run_stage(cfg, s.name, force) for s in STAGES if stages is None or s.name in stages]
+    return [run_stage(cfg, s.name, force) for s in STAGES
+            if wanted(cfg, s) and (stages is None or s.name in stages)]

@@ -66,6 +66,46 @@ class OptimConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How many processes train and how the work and weights are split between them."""
+
+    strategy: Literal["none", "ddp", "fsdp2", "deepspeed"] = "none"
+    """none: one process. ddp: replicated weights, gradients all-reduced. fsdp2: torch `fully_shard`
+    of student and teacher (frozen weights sharded). deepspeed: ZeRO-`zero_stage` via deepspeed.initialize."""
+    nproc: int = 1
+    """Processes on this node (`refinery distill --nproc N` sets it); torchrun is started for N > 1."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (2 or 3; 3 also shards the frozen weights). Only for strategy deepspeed."""
+    timeout_s: int = 300
+    """Collective timeout: a dead or stuck rank fails the job after this many seconds instead of hanging."""
+
+    def __post_init__(self):
+        check(self.nproc >= 1, "nproc", self.nproc, "an integer >= 1")
+        check(self.zero_stage in (2, 3), "zero_stage", self.zero_stage, "2 or 3")
+        check(self.timeout_s >= 10, "timeout_s", self.timeout_s, "an integer >= 10 (seconds)")
+        check(self.nproc == 1 or self.strategy != "none", "strategy", self.strategy,
+              f"ddp, fsdp2 or deepspeed when nproc={self.nproc} > 1")
+
+
+@dataclass
+class TeacherLogitsConfig:
+    """The `teacher-logits` stage: the teacher's top-k logits over the training data, computed once."""
+
+    k: int = 64
+    """Logits kept per position (the rest is one tail bucket or dropped, see distill.topk_tail)."""
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+    """vllm (prompt logprobs) where installed, else transformers."""
+    batch_size: int = 16
+    rows_per_shard: int = 256
+    """Examples per safetensors shard file."""
+
+    def __post_init__(self):
+        check(self.k >= 1, "k", self.k, "an integer >= 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check(self.rows_per_shard >= 1, "rows_per_shard", self.rows_per_shard, "an integer >= 1")
+
+
+@dataclass
 class DistillConfig:
     """Training of the LoRA student from the teacher's temperature-softened logits."""
 
@@ -81,6 +121,13 @@ class DistillConfig:
     """Run the teacher body once over the data and keep its last hidden states (each step then only
     applies its lm_head): same targets, less compute. Falls back to the live teacher when it would
     not fit in memory or the teacher's logits are not lm_head(last hidden state)."""
+    teacher_source: Literal["live", "topk"] = "live"
+    """live: the teacher model runs in this job. topk: train from the `teacher-logits` stage's cached
+    top-k logits; the teacher is never loaded (for teachers too large to hold next to the student)."""
+    topk_tail: Literal["bucket", "renorm"] = "bucket"
+    """With teacher_source topk: the probability mass outside the top k is one extra "tail" class
+    (bucket) or dropped and the top k renormalized (renorm)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -15,6 +15,7 @@ import logging
 import torch
 
 from refinery.train.data import collate
+from refinery.train.losses import KDLoss, kd_loss
 
 log = logging.getLogger("refinery.train")
 MAX_CACHE_BYTES = 4 << 30
@@ -79,3 +80,10 @@ class Teacher:
             with torch.no_grad():
                 return self.model(input_ids=ids, attention_mask=attn).logits
         return self._head([self.hidden[i] for i in rows], ids.shape[1])
+
+    def kd_loss(self, student_logits: torch.Tensor, rows: list[int], ids: torch.Tensor, attn: torch.Tensor,
+                labels: torch.Tensor, mask: torch.Tensor, loss_cfg) -> KDLoss:
+        """The KD loss of the student's logits against this teacher on examples `rows` (see kd_loss)."""
+        t_logits = self.logits(rows, ids, attn) if loss_cfg.alpha > 0 else None
+        return kd_loss(student_logits, t_logits, labels, mask, loss_cfg.alpha, loss_cfg.temperature,
+                       loss_cfg.divergence, loss_cfg.jsd_beta)

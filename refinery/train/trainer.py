@@ -18,13 +18,12 @@ from pathlib import Path
 import torch
 
 from refinery.core.config import config_hash, to_dict
-from refinery.core.manifest import atomic_path, file_hash, read_jsonl, write_jsonl
+from refinery.core.manifest import atomic_path, file_hash, manifest_hash, read_jsonl, write_jsonl
 from refinery.core.models import resolve_models
 from refinery.core.stage import Context, Result
 from refinery.train import checkpoint as ckpt
 from refinery.train.config import DistillConfig
 from refinery.train.data import collate, load_rows, sample_indices, tokenize_rows
-from refinery.train.losses import kd_loss
 from refinery.train.muon import build_optimizer, build_scheduler
 from refinery.train.teacher import Teacher
 
@@ -37,6 +36,7 @@ class Setup:
 
     student: torch.nn.Module
     teacher: Teacher
+    """Teacher or topk.TopkTeacher: anything with kd_loss(student_logits, rows, ids, attn, labels, mask, loss_cfg)."""
     optimizer: torch.optim.Optimizer
     scheduler: object
     seqs: list[list[int]]
@@ -51,8 +51,8 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_models(ctx: Context, cfg: DistillConfig, dev: torch.device):
-    """(student with LoRA, frozen teacher, tokenizer)."""
+def load_models(ctx: Context, cfg: DistillConfig, dev: torch.device, with_teacher: bool = True):
+    """(student with LoRA, frozen teacher or None, tokenizer, (teacher path, student path))."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,14 +62,17 @@ def load_models(ctx: Context, cfg: DistillConfig, dev: torch.device):
     tok = AutoTokenizer.from_pretrained(student_path, trust_remote_code=remote)
     if tok.pad_token_id is None:  # many causal LMs ship without one; padding is masked out anyway
         tok.pad_token = tok.eos_token
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, trust_remote_code=remote)
-    teacher.requires_grad_(False).eval().to(dev)
     base = AutoModelForCausalLM.from_pretrained(student_path, dtype=dtype, trust_remote_code=remote)
-    t_vocab, s_vocab = teacher.get_output_embeddings().weight.shape[0], base.get_output_embeddings().weight.shape[0]
-    if t_vocab != s_vocab:
-        raise ValueError(f"teacher {teacher_path} has {t_vocab} output logits, student {student_path} has "
-                         f"{s_vocab}: logit distillation needs the same tokenizer (pick a student of the "
-                         "teacher's family, or leave models.student.path empty to derive one)")
+    teacher = None
+    if with_teacher:
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, trust_remote_code=remote)
+        teacher.requires_grad_(False).eval().to(dev)
+        t_vocab = teacher.get_output_embeddings().weight.shape[0]
+        s_vocab = base.get_output_embeddings().weight.shape[0]
+        if t_vocab != s_vocab:
+            raise ValueError(f"teacher {teacher_path} has {t_vocab} output logits, student {student_path} has "
+                             f"{s_vocab}: logit distillation needs the same tokenizer (pick a student of the "
+                             "teacher's family, or leave models.student.path empty to derive one)")
     torch.manual_seed(ctx.seed)  # LoRA A init
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(cfg.lora.targets), task_type="CAUSAL_LM")
@@ -85,7 +88,8 @@ def setup(ctx: Context, cfg: DistillConfig) -> Setup:
     data = ctx.stage_dir("generate") / "data.jsonl"
     rows = load_rows(data)
     dev = device()
-    student, teacher_model, tok, paths = load_models(ctx, cfg, dev)
+    topk = cfg.teacher_source == "topk"
+    student, teacher_model, tok, paths = load_models(ctx, cfg, dev, with_teacher=not topk)
     seqs = tokenize_rows(rows, tok, cfg.max_seq_len)
     cut = sum(len(s) == cfg.max_seq_len for s in seqs)
     if cut:
@@ -94,9 +98,17 @@ def setup(ctx: Context, cfg: DistillConfig) -> Setup:
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
     # What shapes the loss curve: a checkpoint from anything else must not be resumed.
     shaping = {k: v for k, v in to_dict(cfg).items() if k not in ("checkpoint_every", "keep_checkpoints")}
-    key = config_hash({"distill": shaping, "seed": ctx.seed, "models": list(paths), "data": file_hash(data)})
+    ident = {"distill": shaping, "seed": ctx.seed, "models": list(paths), "data": file_hash(data)}
+    if topk:
+        ident["teacher_logits"] = manifest_hash(ctx.stage_dir("teacher-logits"))
+    key = config_hash(ident)
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    teacher = Teacher(teacher_model, seqs, tok.pad_token_id, dev, cache=cfg.teacher_cache)
+    if topk:  # the teacher is never loaded: its top-k logits were computed once by `teacher-logits`
+        from refinery.train.topk import TopkTeacher
+
+        teacher = TopkTeacher(ctx.stage_dir("teacher-logits"), seqs, cfg, dev)
+    else:
+        teacher = Teacher(teacher_model, seqs, tok.pad_token_id, dev, cache=cfg.teacher_cache)
     return Setup(student, teacher, optimizer, scheduler, seqs, tok.pad_token_id, dev, key, trainable)
 
 
@@ -110,7 +122,6 @@ def train_step(s: Setup, cfg: DistillConfig, step: int, seed: int) -> dict:
         idx = sample_indices(len(s.seqs), seed, start, cfg.batch_size)
         ids, attn = collate([s.seqs[i] for i in idx], s.pad_id)
         ids, attn = ids.to(s.device), attn.to(s.device)
-        t_logits = s.teacher.logits(idx, ids, attn)
         s_logits = s.student(input_ids=ids, attention_mask=attn).logits
         # KD on every non-pad position, prompt included: the teacher's full next-token
         # distribution is signal everywhere (not only on the answer), our data is small, and
@@ -118,8 +129,7 @@ def train_step(s: Setup, cfg: DistillConfig, step: int, seed: int) -> dict:
         # Position t predicts token t+1: shift the targets, not the (vocab-sized) logits.
         labels = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], 1)
         counted = torch.cat([attn[:, 1:], torch.zeros_like(attn[:, :1])], 1).bool()
-        out = kd_loss(s_logits, t_logits, labels, counted,
-                      cfg.loss.alpha, cfg.loss.temperature, cfg.loss.divergence, cfg.loss.jsd_beta)
+        out = s.teacher.kd_loss(s_logits, idx, ids, attn, labels, counted, cfg.loss)
         (out.loss / cfg.grad_accum).backward()
         for k in totals:
             totals[k] += getattr(out, k).item() / cfg.grad_accum
