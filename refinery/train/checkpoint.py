@@ -1,9 +1,11 @@
 """Resumable training state: `distill/checkpoints/step-NNNNNN/`, each written atomically.
 
-A checkpoint holds the trainable (LoRA) weights as safetensors, optimizer + scheduler state
-(torch.save, read back with weights_only=True), the RNG states, and state.json (step, data
-position, and the resume key: a hash of everything that shapes the loss curve, so a
-checkpoint from another config or other data is never resumed).
+Every rank writes its own files (its shard of the trainable weights as safetensors, its
+optimizer + scheduler state with torch.save, read back with weights_only=True, its RNG
+state); rank 0 writes state.json last (step, data position, world size, strategy, and the
+resume key: a hash of everything that shapes the loss curve, so a checkpoint from another
+config or other data is never resumed). The directory is renamed into place only when every
+rank has written: a kill leaves either the whole checkpoint or none of it.
 """
 from __future__ import annotations
 
@@ -12,12 +14,13 @@ import logging
 import random
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from refinery.core.manifest import atomic_path, write_json
+from refinery.core.manifest import write_json
 
 log = logging.getLogger("refinery.train")
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -42,20 +45,69 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (the shard of a DTensor, else the tensor), on CPU."""
+    return (t.to_local() if hasattr(t, "to_local") else t).detach().cpu().contiguous()
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """This rank's shards of the trainable params, by name."""
+    return {n: _local(p) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
-    """Write step-NNNNNN/ atomically (a kill leaves either the whole dir or none of it)."""
+def _local_optimizer_state(optimizer) -> dict:
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: _local(v) if torch.is_tensor(v) else v for k, v in st.items()}
+                   for i, st in sd["state"].items()}
+    return sd
+
+
+def _reshard_optimizer_state(optimizer) -> None:
+    """After load_state_dict: turn the loaded local shards back into DTensors like their params."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not hasattr(p, "to_local") or p not in optimizer.state:
+                continue
+            from torch.distributed.tensor import DTensor
+
+            st = optimizer.state[p]
+            for k, v in st.items():
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.to_local().shape:
+                    st[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements,
+                                               shape=p.shape, stride=p.stride())
+
+
+def _rank_file(name: str, rank: int, suffix: str) -> str:
+    return f"{name}-rank{rank:05d}.{suffix}"
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, world=None) -> Path:
+    """Write step-NNNNNN/ with every rank's shard; collective when world.size > 1."""
+    from refinery.train.dist import World
+
+    world = world or World()
     out = step_dir(root, step)
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
-        save_file(trainable_state(model), str(tmp / "adapter.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        write_json(tmp / STATE, {**state, "step": step})
+    tmp = [None]
+    if world.main:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        tmp = [tempfile.mkdtemp(prefix=f".{out.name}.", dir=root)]
+    if world.size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(tmp, src=0)
+    tmp_dir = Path(tmp[0])
+    r = world.rank
+    save_file(trainable_state(model), str(tmp_dir / _rank_file("adapter", r, "safetensors")))
+    torch.save({"optimizer": _local_optimizer_state(optimizer), "scheduler": scheduler.state_dict()},
+               tmp_dir / _rank_file("optimizer", r, "pt"))
+    torch.save(rng_state(), tmp_dir / _rank_file("rng", r, "pt"))
+    world.barrier()
+    if world.main:
+        write_json(tmp_dir / STATE, {**state, "step": step, "world_size": world.size, "strategy": world.strategy})
+        if out.exists():
+            shutil.rmtree(out)
+        tmp_dir.rename(out)
+    world.barrier()
     return out
 
 
@@ -78,7 +130,7 @@ def clean(root: Path, keep: int) -> None:
     if not root.is_dir():
         return
     for d in root.iterdir():
-        if d.name.startswith(".step-"):
+        if d.name.startswith(".step-"):  # a writer killed mid-checkpoint
             shutil.rmtree(d, ignore_errors=True)
     for _, d in complete_checkpoints(root)[:-keep]:
         shutil.rmtree(d, ignore_errors=True)
@@ -97,10 +149,19 @@ def latest_checkpoint(root: Path, resume_key: str) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from `path`; return its state.json."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, world=None) -> dict:
+    """Restore this rank's weights, optimizer, scheduler and RNG from `path`; return its state.json."""
+    from refinery.train.dist import World
+
+    world = world or World()
     path = Path(path)
-    weights = load_file(str(path / "adapter.safetensors"))
+    state = json.loads((path / STATE).read_text())
+    saved = (state.get("world_size", 1), state.get("strategy", "none"))
+    if saved != (world.size, world.strategy):
+        raise RuntimeError(f"checkpoint {path} was written by {saved[0]} process(es) with strategy {saved[1]}, this "
+                           f"run has {world.size} with {world.strategy}: resume with the same --nproc and "
+                           f"distill.parallel.strategy, or delete {path.parent} to start over")
+    weights = load_file(str(path / _rank_file("adapter", world.rank, "safetensors")))
     params = dict(model.named_parameters())
     missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(weights))
     if missing:
@@ -108,9 +169,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
                            "delete the checkpoints dir to start over")
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value)
-    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+            p = params[name]
+            (p.to_local() if hasattr(p, "to_local") else p).copy_(value)
+    opt = torch.load(path / _rank_file("optimizer", world.rank, "pt"), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
+    _reshard_optimizer_state(optimizer)
     scheduler.load_state_dict(opt["scheduler"])
-    set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
-    return json.loads((path / STATE).read_text())
+    set_rng_state(torch.load(path / _rank_file("rng", world.rank, "pt"), map_location="cpu", weights_only=True))
+    return state

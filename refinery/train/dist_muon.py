@@ -51,7 +51,7 @@ def _exchange(send: list[list[Tensor]], world: int, group) -> list[Tensor]:
     in_splits = [f.numel() for f in flat]
     out_splits = torch.tensor(in_splits, dtype=torch.int64)
     counts = torch.empty(world * world, dtype=torch.int64)
-    dist.all_gather_into_tensor(counts, out_splits, group=group)
+    dist.all_gather_single(counts, out_splits, group=group)
     me = dist.get_rank(group)
     recv_splits = counts.view(world, world)[:, me].tolist()
     out = torch.empty(sum(recv_splits), dtype=torch.float32)

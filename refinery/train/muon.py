@@ -165,11 +165,12 @@ def split_params(model: torch.nn.Module) -> tuple[list[tuple[str, Tensor]], list
     return muon, adamw
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg, distributed: bool = False) -> torch.optim.Optimizer:
     """The optimizer for `model`'s trainable params from an OptimConfig.
 
     `muon`: one Muon with a Muon group (2-D hidden matrices, lr=cfg.lr) and an AdamW group
-    (the rest, lr=cfg.adamw_lr). `adamw`: torch AdamW on everything at cfg.lr.
+    (the rest, lr=cfg.adamw_lr). `adamw`: torch AdamW on everything at cfg.lr. `distributed`:
+    DistMuon (each matrix orthogonalized once, by one rank) in place of Muon.
     """
     muon, adamw = split_params(model)
     if not muon and not adamw:
@@ -183,7 +184,10 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
         groups.append({"params": [p for _, p in muon], "use_muon": True, "lr": cfg.lr})
     if adamw:
         groups.append({"params": [p for _, p in adamw], "use_muon": False, "lr": cfg.adamw_lr})
-    return Muon(groups, momentum=cfg.momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps,
+    cls = Muon
+    if distributed:
+        from refinery.train.dist_muon import DistMuon as cls
+    return cls(groups, momentum=cfg.momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps,
                 weight_decay=cfg.weight_decay, lr_scale=cfg.lr_scale, betas=betas)
 
 

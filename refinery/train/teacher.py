@@ -56,23 +56,34 @@ class Teacher:
 
     @torch.no_grad()
     def _hidden_states(self, seqs: list[list[int]], batch_size: int) -> list[torch.Tensor]:
-        body = self.model.get_decoder()
+        # The body's post-norm output, captured by a hook during a root forward: calling the
+        # body alone would skip the root's FSDP2 all-gather (embeddings live in the root unit).
+        captured: list[torch.Tensor] = []
+        hook = self.model.get_decoder().register_forward_hook(
+            lambda mod, args, out: captured.append(out.last_hidden_state))
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # little padding per batch
         out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
-        for k in range(0, len(order), batch_size):
-            chunk = order[k:k + batch_size]
-            ids, attn = collate([seqs[i] for i in chunk], self.pad_id)
-            h = body(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).last_hidden_state
-            for j, i in enumerate(chunk):
-                out[i] = h[j, :len(seqs[i])].clone()
+        try:
+            for k in range(0, len(order), batch_size):
+                chunk = order[k:k + batch_size]
+                ids, attn = collate([seqs[i] for i in chunk], self.pad_id)
+                captured.clear()
+                self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), logits_to_keep=1)
+                for j, i in enumerate(chunk):
+                    out[i] = captured[-1][j, :len(seqs[i])].clone()
+        finally:
+            hook.remove()
+        head = self.model.get_output_embeddings()
+        full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731 (FSDP2 shards)
+        self.head_w = full(head.weight).detach()
+        self.head_b = None if getattr(head, "bias", None) is None else full(head.bias).detach()
         return out
 
     def _head(self, hidden: list[torch.Tensor], width: int) -> torch.Tensor:
         h = torch.zeros(len(hidden), width, hidden[0].shape[-1], dtype=hidden[0].dtype, device=self.device)
         for j, x in enumerate(hidden):
             h[j, :len(x)] = x
-        with torch.no_grad():
-            return self.model.get_output_embeddings()(h)
+        return torch.nn.functional.linear(h, self.head_w, self.head_b)
 
     def logits(self, rows: list[int], ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """(B, L, V) teacher logits for examples `rows`, padded like `ids` (pad positions arbitrary)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from refinery.core.manifest import atomic_path, file_hash, manifest_hash, read_j
 from refinery.core.models import resolve_models
 from refinery.core.stage import Context, Result
 from refinery.train import checkpoint as ckpt
+from refinery.train import dist
+from refinery.train.dist import World
 from refinery.train.config import DistillConfig
 from refinery.train.data import collate, load_rows, sample_indices, tokenize_rows
 from refinery.train.muon import build_optimizer, build_scheduler
@@ -35,6 +38,9 @@ class Setup:
     """Everything the loop needs, built once per invocation."""
 
     student: torch.nn.Module
+    """What the step calls: the peft model, its DDP wrapper, or the FSDP2-sharded peft model."""
+    model: torch.nn.Module
+    """The peft model itself (named params for checkpoints, save_pretrained)."""
     teacher: Teacher
     """Teacher or topk.TopkTeacher: anything with kd_loss(student_logits, rows, ids, attn, labels, mask, loss_cfg)."""
     optimizer: torch.optim.Optimizer
@@ -44,11 +50,7 @@ class Setup:
     device: torch.device
     resume_key: str
     trainable: int
-
-
-def device() -> torch.device:
-    """cuda when present, else cpu. (A distributed run will pick cuda:LOCAL_RANK here.)"""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world: World
 
 
 def load_models(ctx: Context, cfg: DistillConfig, dev: torch.device, with_teacher: bool = True):
@@ -87,14 +89,21 @@ def setup(ctx: Context, cfg: DistillConfig) -> Setup:
     """Read data, load models, build optimizer and scheduler (nothing resumed yet)."""
     data = ctx.stage_dir("generate") / "data.jsonl"
     rows = load_rows(data)
-    dev = device()
+    world = dist.init(cfg.parallel)
+    if cfg.batch_size % world.size:
+        raise ValueError(f"distill.batch_size={cfg.batch_size} must be a multiple of the {world.size} processes "
+                         "(each rank takes an equal share of every batch)")
+    dev = world.device
     topk = cfg.teacher_source == "topk"
-    student, teacher_model, tok, paths = load_models(ctx, cfg, dev, with_teacher=not topk)
+    model, teacher_model, tok, paths = load_models(ctx, cfg, dev, with_teacher=not topk)
     seqs = tokenize_rows(rows, tok, cfg.max_seq_len)
     cut = sum(len(s) == cfg.max_seq_len for s in seqs)
     if cut:
         log.info("%d of %d examples cut to distill.max_seq_len=%d tokens", cut, len(seqs), cfg.max_seq_len)
-    optimizer = build_optimizer(student, cfg.optim)
+    student = dist.wrap_student(model, world)
+    if teacher_model is not None and world.strategy == "fsdp2":
+        dist.shard(teacher_model, world)  # frozen weights sharded too: forward only, same ranks
+    optimizer = build_optimizer(model, cfg.optim, distributed=world.size > 1)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
     # What shapes the loss curve: a checkpoint from anything else must not be resumed.
     shaping = {k: v for k, v in to_dict(cfg).items() if k not in ("checkpoint_every", "keep_checkpoints")}
@@ -102,24 +111,29 @@ def setup(ctx: Context, cfg: DistillConfig) -> Setup:
     if topk:
         ident["teacher_logits"] = manifest_hash(ctx.stage_dir("teacher-logits"))
     key = config_hash(ident)
-    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    world.same_on_all(key, "the resume key (config, seed, models, data)")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if topk:  # the teacher is never loaded: its top-k logits were computed once by `teacher-logits`
         from refinery.train.topk import TopkTeacher
 
         teacher = TopkTeacher(ctx.stage_dir("teacher-logits"), seqs, cfg, dev)
     else:
         teacher = Teacher(teacher_model, seqs, tok.pad_token_id, dev, cache=cfg.teacher_cache)
-    return Setup(student, teacher, optimizer, scheduler, seqs, tok.pad_token_id, dev, key, trainable)
+    return Setup(student, model, teacher, optimizer, scheduler, seqs, tok.pad_token_id, dev, key, trainable, world)
 
 
 def train_step(s: Setup, cfg: DistillConfig, step: int, seed: int) -> dict:
-    """One optimizer step (grad_accum micro-batches of batch_size); returns its metrics row."""
+    """One optimizer step (grad_accum micro-batches of batch_size); returns its metrics row.
+
+    With N processes each takes every N-th example of each batch and scales its token-mean
+    loss by its share of the batch's tokens, so the averaged gradient is the single-process one.
+    """
     t0 = time.perf_counter()
-    totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
-    tokens = 0
+    w = s.world
+    sums = [0.0, 0.0, 0.0, 0.0]  # this rank's share of loss, kd, ce (batch token means); its tokens
     for micro in range(cfg.grad_accum):
         start = ((step - 1) * cfg.grad_accum + micro) * cfg.batch_size
-        idx = sample_indices(len(s.seqs), seed, start, cfg.batch_size)
+        idx = sample_indices(len(s.seqs), seed, start, cfg.batch_size)[w.rank::w.size]
         ids, attn = collate([s.seqs[i] for i in idx], s.pad_id)
         ids, attn = ids.to(s.device), attn.to(s.device)
         s_logits = s.student(input_ids=ids, attention_mask=attn).logits
@@ -130,37 +144,45 @@ def train_step(s: Setup, cfg: DistillConfig, step: int, seed: int) -> dict:
         labels = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], 1)
         counted = torch.cat([attn[:, 1:], torch.zeros_like(attn[:, :1])], 1).bool()
         out = s.teacher.kd_loss(s_logits, idx, ids, attn, labels, counted, cfg.loss)
-        (out.loss / cfg.grad_accum).backward()
-        for k in totals:
-            totals[k] += getattr(out, k).item() / cfg.grad_accum
-        tokens += int(attn.sum())
+        n = int(counted.sum())
+        frac = n / w.sum([n])[0]  # this rank's share of the batch's counted tokens
+        (out.loss * (frac * w.size) / cfg.grad_accum).backward()  # DDP / FSDP2 average over ranks
+        for k, part in enumerate((out.loss, out.kd, out.ce)):
+            sums[k] += part.item() * frac / cfg.grad_accum
+        sums[3] += int(attn.sum())
+    loss, kd, ce, tokens = w.sum(sums)
     params = [p for g in s.optimizer.param_groups for p in g["params"]]
     clip = cfg.optim.grad_clip
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf).item()
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf)
+    grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
     lrs = {("adamw_lr" if g.get("use_muon") is False else "lr"): g["lr"] for g in s.optimizer.param_groups}
     s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     dt = time.perf_counter() - t0
-    if not math.isfinite(totals["loss"]):
-        raise FloatingPointError(f"distill: loss is {totals['loss']} at step {step}; lower distill.optim.lr "
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"distill: loss is {loss} at step {step}; lower distill.optim.lr "
                                  "(or adamw_lr) or set distill.optim.grad_clip")
-    return {"step": step, **{k: round(v, 6) for k, v in totals.items()}, **lrs,
-            "grad_norm": round(grad_norm, 6), "tokens": tokens, "tokens_per_s": round(tokens / dt, 1),
+    return {"step": step, "loss": round(loss, 6), "kd": round(kd, 6), "ce": round(ce, 6), **lrs,
+            "grad_norm": round(grad_norm, 6), "tokens": int(tokens), "tokens_per_s": round(tokens / dt, 1),
             "step_s": round(dt, 4)}
 
 
 def _resume(s: Setup, cfg: DistillConfig, out: Path) -> int:
     """Load the newest matching checkpoint and cut metrics.jsonl back to it; return its step."""
     root, metrics = out / "checkpoints", out / "metrics.jsonl"
-    ckpt.clean(root, cfg.keep_checkpoints)
-    latest = ckpt.latest_checkpoint(root, s.resume_key)
+    latest = [None]
+    if s.world.main:  # one rank decides (and removes stale or torn checkpoints), all load the same one
+        ckpt.clean(root, cfg.keep_checkpoints)
+        latest = [ckpt.latest_checkpoint(root, s.resume_key)]
+    if s.world.size > 1:
+        torch.distributed.broadcast_object_list(latest, src=0)
     start = 0
-    if latest is not None:
-        start = ckpt.load_checkpoint(latest, s.student, s.optimizer, s.scheduler)["step"]
-        log.info("distill: resumed from %s (step %d of %d)", latest, start, cfg.steps)
-    # Rows past the checkpoint (written before a kill) are dropped: they will be redone.
-    write_jsonl(metrics, [r for r in _read_rows(metrics) if r["step"] <= start])
+    if latest[0] is not None:
+        start = ckpt.load_checkpoint(latest[0], s.model, s.optimizer, s.scheduler, s.world)["step"]
+        log.info("distill: resumed from %s (step %d of %d)", latest[0], start, cfg.steps)
+    if s.world.main:  # rows past the checkpoint (written before a kill) are dropped: they will be redone
+        write_jsonl(metrics, [r for r in _read_rows(metrics) if r["step"] <= start])
     return start
 
 
@@ -187,7 +209,17 @@ def _summary(rows: list[dict], s: Setup, cfg: DistillConfig, wall: float) -> dic
 
 
 def run(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) -> Result:
-    """Train the LoRA student by KD and save `distill/adapter/`.
+    """The distill stage: train here, or start `distill.parallel.nproc` processes under torchrun."""
+    if cfg.parallel.strategy == "none" or dist.launched():
+        return train(ctx, cfg, stop_after=stop_after)
+    payload = {"run_dir": str(ctx.run_dir), "seed": ctx.seed, "models": to_dict(ctx.models),
+               "tasks": to_dict(ctx.tasks), "distill": to_dict(cfg), "stop_after": stop_after}
+    got = dist.launch(ctx.run_dir, payload, cfg.parallel.nproc, ctx.stage_dir("distill"))
+    return Result(got["metrics"], got["outputs"])
+
+
+def train(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) -> Result:
+    """Train the LoRA student by KD and save `distill/adapter/` (in each process of a distributed job).
 
     `stop_after`: stop once this step is done and checkpointed, without saving the adapter
     (a later `run` resumes there); for time-sliced jobs and the resume tests.
@@ -202,10 +234,12 @@ def run(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) -> R
     s.student.train()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     root = out / "checkpoints"
-    log.info("distill: %d trainable params, %s, steps %d -> %d on %s", s.trainable, cfg.optim.name,
-             start, end, s.device)
-    with (out / "metrics.jsonl").open("a") as f, \
-            tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", mininterval=2) as bar:
+    main = s.world.main
+    log.info("distill: %d trainable params, %s, steps %d -> %d on %s x %d (%s)", s.trainable, cfg.optim.name,
+             start, end, s.device, s.world.size, s.world.strategy)
+    with (out / "metrics.jsonl").open("a") if main else open(os.devnull, "w") as f, \
+            tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", mininterval=2,
+                 disable=not main) as bar:
         for step in range(start + 1, end + 1):
             row = train_step(s, cfg, step, ctx.seed)
             f.write(json.dumps(row) + "\n")
@@ -214,15 +248,27 @@ def run(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) -> R
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if step % cfg.checkpoint_every == 0 or step == end:
                 samples = step * cfg.grad_accum * cfg.batch_size
-                ckpt.save_checkpoint(root, step, s.student, s.optimizer, s.scheduler,
-                                     {"samples_seen": samples, "resume_key": s.resume_key})
-                ckpt.clean(root, cfg.keep_checkpoints)
+                ckpt.save_checkpoint(root, step, s.model, s.optimizer, s.scheduler,
+                                     {"samples_seen": samples, "resume_key": s.resume_key}, s.world)
+                if main:
+                    ckpt.clean(root, cfg.keep_checkpoints)
+    s.world.barrier()
     rows = read_jsonl(out / "metrics.jsonl")
     metrics = _summary(rows, s, cfg, time.time() - t_start) if rows else {"steps": 0}
+    metrics.update(world_size=s.world.size, strategy=s.world.strategy)
     if end < cfg.steps:
         return Result({**metrics, "stopped_at": end}, ["metrics.jsonl", "checkpoints"])
-    with atomic_path(out / "adapter") as tmp:
-        s.student.save_pretrained(tmp)
+    save_adapter(s, out / "adapter")
     log.info("distill: loss %.4f -> %.4f over %d steps; adapter in %s", metrics["first_loss"],
              metrics["last_loss"], metrics["steps"], out / "adapter")
     return Result(metrics, ["adapter", "metrics.jsonl", "checkpoints"])
+
+
+def save_adapter(s: Setup, path: Path) -> None:
+    """The consolidated LoRA adapter (peft format), from any strategy: shards gathered, rank 0 writes."""
+    full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+            for n, p in s.model.named_parameters() if p.requires_grad}
+    if s.world.main:
+        with atomic_path(path) as tmp:
+            s.model.save_pretrained(tmp, state_dict=full)
+    s.world.barrier()

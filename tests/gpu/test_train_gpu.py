@@ -25,7 +25,8 @@ def test_muon_on_cuda_matches_cpu():
     assert (gpu.detach().cpu() - cpu.detach()).abs().max().item() < 1e-2 * moved
 
 
-def test_trainer_device_is_cuda():
-    from refinery.train.trainer import device
+def test_single_process_world_is_cuda():
+    from refinery.train.config import ParallelConfig
+    from refinery.train.dist import init
 
-    assert device().type == "cuda"
+    assert init(ParallelConfig()).device.type == "cuda"

@@ -107,7 +107,7 @@ def test_learns_and_saves_peft_adapter(straight, tiny_student):
     assert not torch.allclose(model(input_ids=ids).logits, base_logits, atol=1e-3)
     # The saved adapter is the last checkpoint's weights.
     saved = load_file(out / "adapter" / "adapter_model.safetensors")
-    last = load_file(out / "checkpoints" / "step-000020" / "adapter.safetensors")
+    last = load_file(out / "checkpoints" / "step-000020" / "adapter-rank00000.safetensors")
     lora_b = [k for k in last if "layers.1.mlp.down_proj.lora_B" in k][0]
     assert torch.equal(saved[lora_b.replace(".default", "")], last[lora_b])
 

@@ -1,0 +1,42 @@
+"""One distill process of a torchrun job: `python -m refinery.train.worker distill/launch.json`.
+
+Started by `refinery.train.dist.launch`; rank 0 writes `distill/result.json` for the parent.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from refinery.core.config import build
+from refinery.core.manifest import write_json
+from refinery.core.models import ModelsConfig
+from refinery.core.stage import Context
+from refinery.core.tasks import TasksConfig
+from refinery.train.config import DistillConfig
+
+
+def main(spec_path: str) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(name)s %(message)s", datefmt="%H:%M:%S")
+    spec = json.loads(Path(spec_path).read_text())
+    ctx = Context(Path(spec["run_dir"]), spec["seed"], build(ModelsConfig, spec["models"]),
+                  build(TasksConfig, spec["tasks"]))
+    cfg = build(DistillConfig, spec["distill"])
+    from refinery.train.trainer import train
+
+    result = train(ctx, cfg, stop_after=spec.get("stop_after"))
+    if rank == 0:
+        write_json(ctx.stage_dir("distill") / "result.json", {"metrics": result.metrics, "outputs": result.outputs})
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
