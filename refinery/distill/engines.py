@@ -203,7 +203,7 @@ class VLLMEngine(Engine):
     name = "vllm"
 
     def __init__(self, model_path: str, dtype: str = "bfloat16", trust_remote_code: bool = False,
-                 batch_size: int = 32):
+                 batch_size: int = 32, max_logprobs: int = 64):
         super().__init__(model_path, dtype, trust_remote_code, batch_size)
         import torch
 
@@ -224,7 +224,7 @@ class VLLMEngine(Engine):
             extra = dict(enable_chunked_prefill=False, max_num_batched_tokens=max(max_len, 4096))
         self.llm = LLM(model=model_path, dtype=dtype, trust_remote_code=trust_remote_code, seed=0,
                        max_model_len=max_len,
-                       max_num_seqs=max(batch_size, 1), max_logprobs=64,
+                       max_num_seqs=max(batch_size, 1), max_logprobs=max_logprobs,
                        # the choice scoring below reads log-probs renormalized over allowed_token_ids
                        logprobs_mode="processed_logprobs",
                        # torch.compile on CPU costs minutes of warm-up for a few minutes of work

@@ -96,13 +96,26 @@ class TeacherLogitsConfig:
     engine: Literal["auto", "hf", "vllm"] = "auto"
     """vllm (prompt logprobs) where installed, else transformers."""
     batch_size: int = 16
+    """Sequences per teacher forward (hf): the (batch x len x vocab) logits of one batch are in memory."""
     rows_per_shard: int = 256
-    """Examples per safetensors shard file."""
+    """Examples per safetensors shard file (also the unit of work a killed run keeps)."""
+    max_seq_len: int = 192
+    """Must equal distill.max_seq_len: the data is tokenized and cut exactly as distill does (checked)."""
+    temperature: float = 2.0
+    """Must equal distill.loss.temperature for distill.topk_tail=bucket: the tail mass is stored at this
+    temperature (checked). renorm does not use it."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the teacher's weights and activations."""
+    value_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Storage of the top-k logits. They are kept minus the position's max (top 1 = 0), so the likely
+    tokens sit near 0 where float16 is precise to ~5e-4 relative; bfloat16 has 8x coarser steps."""
 
     def __post_init__(self):
         check(self.k >= 1, "k", self.k, "an integer >= 1")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         check(self.rows_per_shard >= 1, "rows_per_shard", self.rows_per_shard, "an integer >= 1")
+        check(self.max_seq_len >= 2, "max_seq_len", self.max_seq_len, "an integer >= 2")
+        check(self.temperature > 0, "temperature", self.temperature, "a number > 0")
 
 
 @dataclass
