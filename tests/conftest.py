@@ -44,3 +44,30 @@ def tiny_config(tmp_path, tiny_teacher, tiny_student):
         return load(None, overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def write_train_data():
+    """Factory: write_train_data(run_dir, per_task=12) -> rows; a real generate/data.jsonl + manifest.
+
+    Rows are the seed split of two offline tasks (question, correct choice), never the held-out
+    items: a stand-in for what the generate stage writes.
+    """
+    import time
+
+    from refinery.core.manifest import write_jsonl, write_manifest
+    from refinery.core.tasks import split
+
+    def write(run_dir, per_task: int = 12) -> list[dict]:
+        rows = []
+        for task in ("siqa", "strategyqa"):
+            seed_items, _ = split(task, 0.5)
+            rows += [{"instruction": it.question, "input": "", "output": it.choices[it.answer], "task": task,
+                      "score": 8.0} for it in seed_items[:per_task]]
+        gen = run_dir / "generate"
+        write_jsonl(gen / "data.jsonl", rows)
+        write_manifest(gen, stage="generate", config={}, cfg_hash="fixture", inputs={},
+                       metrics={"rows": len(rows)}, started=time.time(), outputs=["data.jsonl"])
+        return rows
+
+    return write

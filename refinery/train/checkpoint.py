@@ -163,7 +163,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, world=None) -> dict
                            f"distill.parallel.strategy, or delete {path.parent} to start over")
     weights = load_file(str(path / _rank_file("adapter", world.rank, "safetensors")))
     params = dict(model.named_parameters())
-    missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(weights))
+    missing = sorted({n for n, p in params.items() if p.requires_grad} - set(weights))
     if missing:
         raise RuntimeError(f"checkpoint {path} lacks {len(missing)} trainable tensors (e.g. {missing[0]}); "
                            "delete the checkpoints dir to start over")

@@ -145,7 +145,7 @@ def launch(run_dir: Path, payload: dict, nproc: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "--max-restarts", "0", "-m", "refinery.train.worker", str(spec)]
     log.info("distill: launching %d processes: %s", nproc, " ".join(cmd))
-    code = subprocess.run(cmd, env=env).returncode
+    code = subprocess.run(cmd, env=env, check=False).returncode
     if code != 0 or not result.is_file():
         raise RuntimeError(f"distill: the {nproc} training processes failed (torchrun exit code {code}); see the "
                            f"log above. Completed checkpoints in {out / 'checkpoints'} are kept: rerun the same "

@@ -19,14 +19,20 @@ from pathlib import Path
 import torch
 
 from refinery.core.config import config_hash, to_dict
-from refinery.core.manifest import atomic_path, file_hash, manifest_hash, read_jsonl, write_jsonl
+from refinery.core.manifest import (
+    atomic_path,
+    file_hash,
+    manifest_hash,
+    read_jsonl,
+    write_jsonl,
+)
 from refinery.core.models import resolve_models
 from refinery.core.stage import Context, Result
 from refinery.train import checkpoint as ckpt
 from refinery.train import dist
-from refinery.train.dist import World
 from refinery.train.config import DistillConfig
 from refinery.train.data import collate, load_rows, sample_indices, tokenize_rows
+from refinery.train.dist import World
 from refinery.train.muon import build_optimizer, build_scheduler
 from refinery.train.teacher import Teacher
 
@@ -105,8 +111,11 @@ def setup(ctx: Context, cfg: DistillConfig) -> Setup:
         dist.shard(teacher_model, world)  # frozen weights sharded too: forward only, same ranks
     optimizer = build_optimizer(model, cfg.optim, distributed=world.size > 1)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
-    # What shapes the loss curve: a checkpoint from anything else must not be resumed.
-    shaping = {k: v for k, v in to_dict(cfg).items() if k not in ("checkpoint_every", "keep_checkpoints")}
+    # What shapes the loss curve: a checkpoint from anything else must not be resumed. The process
+    # layout does not (N ranks take the single-process step): a checkpoint from another world size
+    # is then refused by name in load_checkpoint rather than deleted as stale.
+    skip = ("checkpoint_every", "keep_checkpoints", "parallel")
+    shaping = {k: v for k, v in to_dict(cfg).items() if k not in skip}
     ident = {"distill": shaping, "seed": ctx.seed, "models": list(paths), "data": file_hash(data)}
     if topk:
         ident["teacher_logits"] = manifest_hash(ctx.stage_dir("teacher-logits"))

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from refinery.core.manifest import read_jsonl, write_jsonl, write_manifest
-from refinery.core.tasks import split
+from refinery.core.manifest import read_jsonl
 from refinery.launch.config import load
 
 pytestmark = pytest.mark.integration
@@ -28,19 +27,6 @@ DISTILL = {"steps": N, "batch_size": 2, "max_seq_len": 48, "checkpoint_every": 3
            "lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "optim": {"warmup_steps": 2}}
 
 
-def _write_data(run_dir: Path) -> None:
-    rows = []
-    for task in ("siqa", "strategyqa"):
-        seed_items, _ = split(task, 0.5)
-        for it in seed_items[:12]:
-            rows.append({"instruction": it.question, "input": "", "output": it.choices[it.answer],
-                         "task": task, "score": 8.0})
-    gen = run_dir / "generate"
-    write_jsonl(gen / "data.jsonl", rows)
-    write_manifest(gen, stage="generate", config={}, cfg_hash="fixture", inputs={}, metrics={"rows": len(rows)},
-                   started=time.time(), outputs=["data.jsonl"])
-
-
 def _config_dict(run_dir: Path, teacher: str, student: str) -> dict:
     return {"run_dir": str(run_dir), "seed": 0,
             "models": {"teacher": teacher, "student": {"path": student}},
@@ -48,10 +34,10 @@ def _config_dict(run_dir: Path, teacher: str, student: str) -> dict:
             "distill": DISTILL}
 
 
-def _cfg(tmp: Path, teacher: str, student: str):
+def _cfg(tmp: Path, teacher: str, student: str, write_data):
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(_config_dict(tmp / "run", teacher, student)))
-    _write_data(tmp / "run")
+    write_data(tmp / "run")
     return load(path), path
 
 
@@ -68,11 +54,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, tiny_teacher, tiny_student):
+def straight(tmp_path_factory, tiny_teacher, tiny_student, write_train_data):
     """One uninterrupted N-step run: (config, result, metrics rows)."""
     from refinery.train.trainer import run
 
-    cfg, _ = _cfg(tmp_path_factory.mktemp("straight"), tiny_teacher, tiny_student)
+    cfg, _ = _cfg(tmp_path_factory.mktemp("straight"), tiny_teacher, tiny_student, write_train_data)
     result = run(cfg.context(), cfg.distill)
     return cfg, result, read_jsonl(cfg.context().stage_dir("distill") / "metrics.jsonl")
 
@@ -112,12 +98,13 @@ def test_learns_and_saves_peft_adapter(straight, tiny_student):
     assert torch.equal(saved[lora_b.replace(".default", "")], last[lora_b])
 
 
-def test_sigkill_and_stop_then_resume_give_the_same_loss_curve(straight, tmp_path, tiny_teacher, tiny_student):
+def test_sigkill_and_stop_then_resume_give_the_same_loss_curve(straight, tmp_path, tiny_teacher, tiny_student,
+                                                               write_train_data):
     """Killed mid-run (SIGKILL, real CLI in a subprocess), resumed up to a stop, resumed to the end."""
     from refinery.launch.stages import run_stage
     from refinery.train.trainer import run
 
-    cfg, cfg_path = _cfg(tmp_path, tiny_teacher, tiny_student)
+    cfg, cfg_path = _cfg(tmp_path, tiny_teacher, tiny_student, write_train_data)
     out = cfg.context().stage_dir("distill")
     log = (tmp_path / "train.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "refinery.launch.cli", "distill", str(cfg_path)],

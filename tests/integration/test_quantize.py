@@ -13,8 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from refinery.core.config import ConfigError
-from refinery.core.manifest import read_manifest, write_jsonl, write_manifest
-from refinery.core.tasks import split
+from refinery.core.manifest import read_manifest, write_manifest
 from refinery.launch.config import load
 from refinery.launch.stages import run_stage
 
@@ -23,16 +22,6 @@ pytestmark = pytest.mark.integration
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TEXTS = ["Question: Where would you put a plate after washing it?\nAnswer: In the cupboard.",
          "Question: Can a penguin fly to the moon?\nAnswer: no"]
-
-
-def _write_data(run: Path, per_task: int = 12) -> list[dict]:
-    rows = []
-    for task in ("siqa", "strategyqa"):
-        seed_items, _ = split(task, 0.5)  # seed part only: never the held-out items
-        rows += [{"instruction": it.question, "input": "", "output": it.choices[it.answer], "task": task,
-                  "score": 8.0} for it in seed_items[:per_task]]
-    write_jsonl(run / "generate" / "data.jsonl", rows)
-    return rows
 
 
 def _write_adapter(student: str, run: Path) -> None:
@@ -59,9 +48,9 @@ def _config(run: Path, student: str, teacher: str, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def quant_run(tmp_path_factory, tiny_teacher, tiny_student):
+def quant_run(tmp_path_factory, tiny_teacher, tiny_student, write_train_data):
     run = tmp_path_factory.mktemp("quantize") / "run"
-    _write_data(run)
+    write_train_data(run)
     _write_adapter(tiny_student, run)
     cfg = _config(run, tiny_student, tiny_teacher)
     result = run_stage(cfg, "quantize")
@@ -157,10 +146,10 @@ def test_gptq_loads_and_generates_in_vllm(quant_run):
     assert all(1 <= len(seq) <= 6 and all(0 <= t < 49152 for t in seq) for seq in ids)
 
 
-def test_rerun_is_skipped_and_bad_group_size_fails_before_work(quant_run, tmp_path):
+def test_rerun_is_skipped_and_bad_group_size_fails_before_work(quant_run, tmp_path, write_train_data):
     assert run_stage(quant_run.cfg, "quantize") == {"stage": "quantize", "skipped": True}
     run = tmp_path / "run"
-    _write_data(run, per_task=2)
+    write_train_data(run, per_task=2)
     _write_adapter(quant_run.student, run)
     cfg = _config(run, quant_run.student, quant_run.teacher, "quantize.group_size=128")
     with pytest.raises(ConfigError, match=r"group_size: 128 does not divide the input width 576 of layer "
