@@ -30,10 +30,10 @@ def main(mode: str, out: str) -> None:
 
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         ps = [torch.nn.Parameter(distribute_tensor(p, mesh, [Shard(0)])) for p in params]
-        to_grad = lambda t: distribute_tensor(t, mesh, [Shard(0)])  # noqa: E731
+        to_grad = lambda t: distribute_tensor(t, mesh, [Shard(0)])
     else:
         ps = [torch.nn.Parameter(p.clone()) for p in params]
-        to_grad = lambda t: t.clone()  # noqa: E731
+        to_grad = lambda t: t.clone()
     opt = DistMuon(ps, lr=0.02, momentum=0.95, weight_decay=0.1, lr_scale="original")
     for step in grads:
         for p, g in zip(ps, step):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from refinery.train.muon import Muon, newton_schulz
 
 sys.path.insert(0, str(Path(__file__).parent))
-from muon_worker import SHAPES, STEPS, make_params_and_grads  # noqa: E402
+from muon_worker import SHAPES, STEPS, make_params_and_grads
 
 HERE = Path(__file__).parent
 
