@@ -37,31 +37,43 @@ reverse KL and JSD infinite; the floor changes forward KL by under 1e-33."""
 RERUN = "re-run `refinery teacher-logits CONFIG` (with --force if it reports the stage complete)"
 
 
+def _teacher_log_probs(t_values: Tensor, t_log_tail: Tensor | None, temperature: float, with_tail: bool) -> Tensor:
+    """The teacher's log-probs over its top k, and over k + 1 classes (tail last) when `with_tail`."""
+    t_top = F.log_softmax(t_values.float() / temperature, -1)
+    if not with_tail:
+        return t_top
+    if t_log_tail is None or torch.isnan(t_log_tail).any():
+        raise ValueError("distill.topk_tail=bucket needs the teacher's tail mass, which this cache lacks (vLLM "
+                         "at temperature != 1): set distill.topk_tail=renorm, or rebuild the cache with "
+                         "teacher_logits.engine=hf")
+    t_tail = t_log_tail.float().clamp(MIN_LOG_TAIL, 0.0)[..., None]
+    return torch.cat([t_top + torch.log(-torch.expm1(t_tail)), t_tail], -1)
+
+
+def _check_tail(tail: str) -> None:
+    if tail not in TAILS:
+        raise ValueError(f"distill.topk_tail: got {tail!r}, expected one of {', '.join(TAILS)}")
+
+
 def topk_log_probs(student_logits: Tensor, t_values: Tensor, t_indices: Tensor, t_log_tail: Tensor | None,
                    temperature: float, tail: str) -> tuple[Tensor, Tensor]:
     """(teacher, student) log-probabilities over the k (renorm) or k + 1 (bucket) classes.
 
     student_logits (N, V); t_values (N, k) teacher logits of the top k (any per-row shift);
     t_indices (N, k) their token ids; t_log_tail (N,) log of the teacher's mass outside them at
-    `temperature` (bucket only).
+    `temperature` (bucket only). With k = V bucket has no tail class.
     """
-    if tail not in TAILS:
-        raise ValueError(f"distill.topk_tail: got {tail!r}, expected one of {', '.join(TAILS)}")
+    _check_tail(tail)
     u = student_logits.float() / temperature
     idx = t_indices.long()
-    t_top = F.log_softmax(t_values.float() / temperature, -1)
+    with_tail = tail == "bucket" and idx.shape[-1] < u.shape[-1]
+    teacher = _teacher_log_probs(t_values, t_log_tail, temperature, with_tail)
     s_top = u.gather(-1, idx)
     if tail == "renorm":
-        return t_top, F.log_softmax(s_top, -1)
+        return teacher, F.log_softmax(s_top, -1)
     lse = torch.logsumexp(u, -1, keepdim=True)
-    if idx.shape[-1] >= u.shape[-1]:  # k = V: no tail on either side
-        return t_top, s_top - lse
-    if t_log_tail is None or torch.isnan(t_log_tail).any():
-        raise ValueError("distill.topk_tail=bucket needs the teacher's tail mass, which this cache lacks (vLLM "
-                         "at temperature != 1): set distill.topk_tail=renorm, or rebuild the cache with "
-                         "teacher_logits.engine=hf")
-    t_tail = t_log_tail.float().clamp(MIN_LOG_TAIL, 0.0)[..., None]
-    teacher = torch.cat([t_top + torch.log(-torch.expm1(t_tail)), t_tail], -1)
+    if not with_tail:
+        return teacher, s_top - lse
     s_tail = torch.logsumexp(u.scatter(-1, idx, float("-inf")), -1, keepdim=True)
     return teacher, torch.cat([s_top, s_tail], -1) - lse
 
@@ -69,17 +81,31 @@ def topk_log_probs(student_logits: Tensor, t_values: Tensor, t_indices: Tensor, 
 def topk_kd_loss(student_logits: Tensor, t_values: Tensor | None, t_indices: Tensor | None,
                  t_log_tail: Tensor | None, labels: Tensor, mask: Tensor, alpha: float = 1.0,
                  temperature: float = 2.0, divergence: str = "forward_kl", jsd_beta: float = 0.5,
-                 tail: str = "bucket") -> KDLoss:
+                 tail: str = "bucket", fused: bool = True) -> KDLoss:
     """alpha * T^2 * D(teacher_T || student_T) + (1 - alpha) * CE over masked-in tokens, teacher top-k only.
 
     student_logits (..., V); t_values, t_indices (..., k); t_log_tail, labels, mask (...). The
     teacher tensors may be None only when alpha == 0. See the module docstring for `tail`.
+    forward_kl runs blockwise with a closed-form gradient (`fused`; False = plain autograd, for tests).
     """
     if not 0 <= alpha <= 1 or temperature <= 0:
         raise ValueError(f"topk_kd_loss: alpha must be in [0, 1] and temperature > 0, got {alpha}, {temperature}")
+    _check_tail(tail)
     mask = mask.bool()
     if not mask.any():
         raise ValueError("topk_kd_loss: the mask selects no tokens (every example empty or padded out)")
+    if t_values is not None and t_indices is not None:
+        if t_values.shape != t_indices.shape or t_values.shape[:-1] != student_logits.shape[:-1]:
+            raise ValueError(f"topk_kd_loss: teacher values {tuple(t_values.shape)}, indices "
+                             f"{tuple(t_indices.shape)} and student logits {tuple(student_logits.shape)} do not line up")
+        if divergence == "forward_kl" and fused:
+            vocab, k = student_logits.shape[-1], t_values.shape[-1]
+            rows = mask.reshape(-1).nonzero().squeeze(1)
+            tails = t_log_tail.reshape(-1) if t_log_tail is not None else None
+            per_row, kd, ce = _FusedTopkForwardKL.apply(
+                student_logits.reshape(-1, vocab), t_values.reshape(-1, k), t_indices.reshape(-1, k), tails,
+                labels.reshape(-1), rows, float(alpha), float(temperature), tail)
+            return KDLoss(per_row.mean(), kd.mean(), ce.mean())
     s = student_logits[mask].float()
     with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1):  # alpha = 1: CE only logged
         ce = F.cross_entropy(s, labels[mask])
@@ -87,13 +113,73 @@ def topk_kd_loss(student_logits: Tensor, t_values: Tensor | None, t_indices: Ten
         if alpha > 0:
             raise ValueError("topk_kd_loss: no teacher top-k given but alpha > 0")
         return KDLoss(ce, torch.zeros_like(ce), ce)
-    if t_values.shape != t_indices.shape or t_values.shape[:-1] != student_logits.shape[:-1]:
-        raise ValueError(f"topk_kd_loss: teacher values {tuple(t_values.shape)}, indices {tuple(t_indices.shape)} "
-                         f"and student logits {tuple(student_logits.shape)} do not line up")
     tail_sel = t_log_tail[mask] if t_log_tail is not None else None
     t_logp, s_logp = topk_log_probs(s, t_values[mask], t_indices[mask], tail_sel, temperature, tail)
     kd = token_divergence(t_logp, s_logp, divergence, jsd_beta).mean()
     return KDLoss(alpha * temperature ** 2 * kd + (1 - alpha) * ce, kd, ce)
+
+
+class _FusedTopkForwardKL(torch.autograd.Function):
+    """Per-token alpha*T^2*KL + (1-alpha)*CE against the top-k teacher, its parts, closed-form gradient.
+
+    As losses._FusedForwardKL: blocks of rows read once, no vocab-sized autograd intermediates.
+    With u = s/T, q = softmax(u), the gradient of KL in u is q - p~: p~ = the teacher's class
+    probability on its top k; outside them (bucket) the teacher tail spread like the student's,
+    p_tail * q_j / q_tail (renorm: 0 outside, and q renormalized over the top k).
+    """
+
+    @staticmethod
+    def forward(ctx, s, t_values, t_indices, t_log_tail, labels, rows, alpha, temperature, tail):
+        n, vocab = rows.numel(), s.shape[1]
+        kd, ce = torch.empty(n, device=s.device), torch.empty(n, device=s.device)
+        grad = torch.empty(n, vocab, dtype=s.dtype, device=s.device) if ctx.needs_input_grad[0] else None
+        block = max(1, (1 << 20) // vocab)  # ~4 MB of floats per temporary
+        for i in range(0, n, block):
+            r = rows[i:i + block]
+            sf, idx, lab = s[r].float(), t_indices[r].long(), labels[r]
+            k = idx.shape[1]
+            with_tail = tail == "bucket" and k < vocab
+            t_cls = _teacher_log_probs(t_values[r], t_log_tail[r] if with_tail else None, temperature, with_tail)
+            log_q = sf / temperature
+            log_q -= torch.logsumexp(log_q, -1, keepdim=True)
+            lq_top = log_q.gather(1, idx)
+            if tail == "renorm":
+                s_cls = F.log_softmax(lq_top, -1)
+            elif with_tail:
+                lq_tail = torch.logsumexp(log_q.scatter(1, idx, float("-inf")), -1, keepdim=True)
+                s_cls = torch.cat([lq_top, lq_tail], -1)
+            else:
+                s_cls = lq_top
+            p = t_cls.exp()
+            kd[i:i + block] = torch.where(p > 0, p * (t_cls - s_cls), 0.0).sum(-1)  # 0 log 0 = 0
+            lse = torch.logsumexp(sf, -1)
+            ce[i:i + block] = lse - sf.gather(1, lab[:, None]).squeeze(1)
+            if grad is not None:
+                if tail == "renorm":
+                    g = torch.zeros_like(log_q)
+                else:  # outside the top k: q_j - p_tail * q_j / q_tail (both in log space, no underflow)
+                    g = log_q.exp()
+                    if with_tail:
+                        g -= (log_q + (t_cls[:, -1:] - lq_tail)).exp_()
+                g.scatter_(1, idx, s_cls[:, :k].exp() - p[:, :k])
+                g.mul_(alpha * temperature)
+                if alpha < 1:
+                    soft = (sf - lse[:, None]).exp_()
+                    soft.scatter_add_(1, lab[:, None], torch.full_like(lse[:, None], -1.0))
+                    g.add_(soft, alpha=1 - alpha)
+                grad[i:i + block] = g
+        per_row = alpha * temperature ** 2 * kd + (1 - alpha) * ce
+        ctx.save_for_backward(grad, rows)
+        ctx.shape = s.shape
+        ctx.mark_non_differentiable(kd, ce)
+        return per_row, kd, ce
+
+    @staticmethod
+    def backward(ctx, g_row, _g_kd, _g_ce):
+        grad, rows = ctx.saved_tensors
+        full = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device)
+        full.index_copy_(0, rows, grad * g_row[:, None].to(grad.dtype))
+        return full, None, None, None, None, None, None, None, None
 
 
 class TopkTeacher:
