@@ -20,7 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from refinery.train.muon import Muon, newton_schulz
+from torch.distributed.tensor import Shard
+
+from refinery.train.muon import Muon, lr_scale, orthogonalize
 
 
 def _ns_flops(shape: tuple[int, ...]) -> int:
@@ -59,85 +61,102 @@ def _exchange(send: list[list[Tensor]], world: int, group) -> list[Tensor]:
     return list(out.split(recv_splits))
 
 
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view: in-place ops update the DTensor), else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class DistMuon(Muon):
-    """Muon over a process group: same update as `Muon` on one process, NS run once per matrix."""
+    """Muon over a process group: same update as `Muon` on one process, NS run once per matrix.
+
+    The element-wise parts (momentum, weight decay, the step) run on each rank's local shards
+    with foreach kernels (no DTensor dispatch, no communication); only Newton-Schulz moves data.
+    """
 
     def __init__(self, params, group=None, **kwargs):
         super().__init__(params, **kwargs)
         self.group = group
         self.ns_calls = 0
-        """Newton-Schulz runs on this rank (each matrix counted on its owner only)."""
+        """Matrices orthogonalized on this rank (each matrix counted on its owner only)."""
 
-    def _orthogonalize(self, updates: list[Tensor], group: dict) -> list[Tensor]:
-        if not dist.is_initialized() or dist.get_world_size(self.group) == 1:
-            self.ns_calls += len(updates)
-            return super()._orthogonalize(updates, group)
+    def _muon_step(self, group: dict, params: list[Tensor]) -> None:
         from torch.distributed.tensor import DTensor
 
-        sharded = [isinstance(u, DTensor) for u in updates]
-        if all(sharded):
-            return self._sharded(updates, group["ns_steps"])
-        if any(sharded):
+        sharded = [isinstance(p, DTensor) for p in params]
+        if any(sharded) and not all(sharded):
             raise TypeError("DistMuon: a param group mixes DTensor (sharded) and plain (replicated) params; "
                             "shard the whole model with fully_shard or none of it")
-        return self._replicated(updates, group["ns_steps"])
+        mu, lr = group["momentum"], group["lr"]
+        grads = [_local(p.grad) for p in params]
+        bufs = [_local(self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))) for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - mu)
+        updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+        shapes = [tuple(p.shape) for p in params]
+        if not dist.is_initialized() or dist.get_world_size(self.group) == 1:
+            ortho = orthogonalize(updates, group["ns_steps"])
+            self.ns_calls += len(updates)
+        elif all(sharded):
+            for p in params:
+                if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+                    raise NotImplementedError(f"DistMuon: sharded params must be Shard(0) on a 1-D mesh (as "
+                                              f"fully_shard makes them), got {p.placements}")
+            ortho = self._sharded(updates, shapes, group["ns_steps"])
+        else:
+            ortho = self._replicated(updates, shapes, group["ns_steps"])
+        weights = [_local(p) for p in params]
+        if group["weight_decay"]:
+            torch._foreach_mul_(weights, 1 - lr * group["weight_decay"])
+        for w, u, shape in zip(weights, ortho, shapes):
+            w.add_(u.to(w.dtype), alpha=-lr * lr_scale(group["lr_scale"], shape))
 
-    def _replicated(self, updates: list[Tensor], steps: int) -> list[Tensor]:
+    def _owned(self, mats: list[Tensor], steps: int) -> list[Tensor]:
+        self.ns_calls += len(mats)
+        return [m.float() for m in orthogonalize(mats, steps)]
+
+    def _replicated(self, updates: list[Tensor], shapes: list[tuple], steps: int) -> list[Tensor]:
         world, me = dist.get_world_size(self.group), dist.get_rank(self.group)
-        owners = assign_owners([tuple(u.shape) for u in updates], world)
-        mine = [newton_schulz(u, steps) for u, o in zip(updates, owners) if o == me]
-        self.ns_calls += len(mine)
+        owners = assign_owners(shapes, world)
+        mine_idx = [i for i, o in enumerate(owners) if o == me]
+        mine = self._owned([updates[i] for i in mine_idx], steps)
         got = _exchange([mine] * world, world, self.group)
         out: list[Tensor] = [None] * len(updates)  # type: ignore[list-item]
         cursor = [0] * world
         for i, o in enumerate(owners):
-            if o == me:
-                continue
-            n = updates[i].numel()
-            out[i] = got[o][cursor[o]:cursor[o] + n].view(updates[i].shape)
-            cursor[o] += n
-        for i, res in zip([i for i, o in enumerate(owners) if o == me], mine):
-            out[i] = res.float()
+            if o != me:
+                n = updates[i].numel()
+                out[i] = got[o][cursor[o]:cursor[o] + n].view(shapes[i])
+                cursor[o] += n
+        for i, res in zip(mine_idx, mine):
+            out[i] = res
         return out
 
-    def _sharded(self, updates: list[Tensor], steps: int) -> list[Tensor]:
-        from torch.distributed.tensor import DTensor, Shard
-
+    def _sharded(self, updates: list[Tensor], shapes: list[tuple], steps: int) -> list[Tensor]:
+        """updates: this rank's row shards; returns this rank's rows of each orthogonalized matrix."""
         world, me = dist.get_world_size(self.group), dist.get_rank(self.group)
-        for u in updates:
-            if u.device_mesh.ndim != 1 or tuple(u.placements) != (Shard(0),):
-                raise NotImplementedError(f"DistMuon: sharded params must be Shard(0) on a 1-D mesh (as "
-                                          f"fully_shard makes them), got {u.placements} on a "
-                                          f"{u.device_mesh.ndim}-D mesh")
-        shapes = [tuple(u.shape) for u in updates]
         owners = assign_owners(shapes, world)
         # 1. every rank's row shard of matrix i -> owner(i)
-        send = [[u.to_local() for u, o in zip(updates, owners) if o == k] for k in range(world)]
-        got = _exchange(send, world, self.group)
-        # 2. the owner reassembles its matrices (rank order = row order), orthogonalizes, splits by rows
-        back: list[list[Tensor]] = [[] for _ in range(world)]
+        got = _exchange([[u for u, o in zip(updates, owners) if o == k] for k in range(world)], world, self.group)
+        # 2. the owner reassembles its matrices (rank order = row order), orthogonalizes them
+        mine_idx = [i for i, o in enumerate(owners) if o == me]
+        full = []
         cursor = [0] * world
-        for i, o in enumerate(owners):
-            if o != me:
-                continue
+        for i in mine_idx:
             rows, cols = shapes[i]
-            splits = row_splits(rows, world)
             parts = []
-            for k in range(world):
-                n = splits[k] * cols
-                parts.append(got[k][cursor[k]:cursor[k] + n].view(splits[k], cols))
-                cursor[k] += n
-            full = newton_schulz(torch.cat(parts), steps).float()
-            self.ns_calls += 1
-            for k, piece in enumerate(full.split(splits)):
+            for k, n_rows in enumerate(row_splits(rows, world)):
+                parts.append(got[k][cursor[k]:cursor[k] + n_rows * cols].view(n_rows, cols))
+                cursor[k] += n_rows * cols
+            full.append(torch.cat(parts))
+        # 3. ... and sends each rank its rows of every result
+        back: list[list[Tensor]] = [[] for _ in range(world)]
+        for i, res in zip(mine_idx, self._owned(full, steps)):
+            for k, piece in enumerate(res.split(row_splits(shapes[i][0], world))):
                 back[k].append(piece)
-        # 3. each rank gets its rows of every result back from the owners
         got = _exchange(back, world, self.group)
         out = []
         cursor = [0] * world
-        for u, o, (rows, cols) in zip(updates, owners, shapes):
+        for o, (rows, cols) in zip(owners, shapes):
             n = row_splits(rows, world)[me] * cols
-            local = got[o][cursor[o]:cursor[o] + n].view(-1, cols)
+            out.append(got[o][cursor[o]:cursor[o] + n].view(-1, cols))
             cursor[o] += n
-            out.append(DTensor.from_local(local, u.device_mesh, u.placements, shape=u.shape, stride=u.stride()))
         return out

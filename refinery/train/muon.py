@@ -43,29 +43,41 @@ def newton_schulz(g: Tensor, steps: int = 5, coefficients: tuple[float, float, f
                   eps: float = 1e-7) -> Tensor:
     """Approximate U V^T of g = U S V^T with the quintic Newton-Schulz iteration, in bf16.
 
-    The coefficients maximize the slope at 0, so singular values land in roughly [0.7, 1.2]
-    rather than exactly 1; that is what Muon wants (fast, and the loss does not care).
+    `g` is one matrix (m, n) or a batch of same-shape matrices (b, m, n), each orthogonalized on
+    its own. The coefficients maximize the slope at 0, so singular values land in roughly
+    [0.7, 1.2] rather than exactly 1; that is what Muon wants (fast, and the loss does not care).
     """
-    if g.ndim != 2:
-        raise ValueError(f"newton_schulz needs a 2-D matrix, got shape {tuple(g.shape)}")
+    if g.ndim not in (2, 3):
+        raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(g.shape)}")
     a, b, c = coefficients
     x = g.bfloat16()
-    tall = g.size(0) > g.size(1)
+    tall = g.size(-2) > g.size(-1)
     if tall:  # iterate on the smaller Gram matrix
-        x = x.T
+        x = x.mT
     # Frobenius norm >= spectral norm, so all singular values start in [0, 1].
-    x = x / x.norm().clamp(min=eps)
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    mm, add = (torch.addmm, torch.addmm) if x.ndim == 2 else (torch.baddbmm, torch.baddbmm)
     for _ in range(steps):
-        gram = x @ x.T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.addmm(x, poly, x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        poly = mm(gram, gram, gram, beta=b, alpha=c)
+        x = add(x, poly, x, beta=a)
+    return x.mT if tall else x
 
 
 def orthogonalize(updates: list[Tensor], steps: int = 5,
                   coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> list[Tensor]:
-    """Newton-Schulz over a list of matrices; independent per matrix, so it shards across ranks."""
-    return [newton_schulz(u, steps, coefficients) for u in updates]
+    """Newton-Schulz over a list of matrices, same-shape ones batched into one call each."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, u in enumerate(updates):
+        by_shape.setdefault(tuple(u.shape), []).append(i)
+    out: list[Tensor] = [None] * len(updates)  # type: ignore[list-item]
+    for idx in by_shape.values():
+        if len(idx) == 1:
+            out[idx[0]] = newton_schulz(updates[idx[0]], steps, coefficients)
+            continue
+        for i, res in zip(idx, newton_schulz(torch.stack([updates[i] for i in idx]), steps, coefficients)):
+            out[i] = res
+    return out
 
 
 class Muon(torch.optim.Optimizer):
