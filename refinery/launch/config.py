@@ -36,6 +36,13 @@ class PipelineConfig:
 
     def __post_init__(self):
         check(bool(self.run_dir), "run_dir", self.run_dir, "a directory path")
+        if self.distill.teacher_source == "topk":  # the cache must be made for what distill trains on
+            d, t = self.distill, self.teacher_logits
+            check(t.max_seq_len == d.max_seq_len, "teacher_logits.max_seq_len", t.max_seq_len,
+                  f"distill.max_seq_len ({d.max_seq_len}) with distill.teacher_source=topk")
+            if d.topk_tail == "bucket":
+                check(t.temperature == d.loss.temperature, "teacher_logits.temperature", t.temperature,
+                      f"distill.loss.temperature ({d.loss.temperature}) with distill.topk_tail=bucket")
 
     def context(self) -> Context:
         return Context(Path(self.run_dir), self.seed, self.models, self.tasks)

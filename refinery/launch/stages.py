@@ -45,15 +45,38 @@ def wanted(cfg, stage: Stage) -> bool:
     return stage.name != "teacher-logits" or cfg.distill.teacher_source == "topk"
 
 
+# What of the run-wide `tasks` section each stage reads (the rest reaches it through its inputs).
+TASK_KEYS = {"generate": ("names", "eval_fraction"), "evaluate": None, "report": None}
+
+
 def stage_identity(cfg, stage: Stage) -> tuple[dict, str]:
-    """The resolved config a stage depends on, and its hash."""
-    resolved = {
-        "seed": cfg.seed,
-        "models": to_dict(cfg.models),
-        "tasks": to_dict(cfg.tasks),
-        stage.section: to_dict(getattr(cfg, stage.section)),
-    }
-    return resolved, config_hash(resolved)
+    """The resolved config a stage depends on, and its hash (process layout excluded: N ranks train
+    like one, so `--nproc` alone does not make a finished distill stale)."""
+    section = to_dict(getattr(cfg, stage.section))
+    resolved = {"seed": cfg.seed, "models": to_dict(cfg.models), stage.section: section}
+    if stage.name in TASK_KEYS:
+        tasks = to_dict(cfg.tasks)
+        keys = TASK_KEYS[stage.name]
+        resolved["tasks"] = tasks if keys is None else {k: tasks[k] for k in keys}
+    hashed = {**resolved, stage.section: {k: v for k, v in section.items() if k != "parallel"}}
+    return resolved, config_hash(hashed)
+
+
+def check_fresh(cfg, need: str) -> None:
+    """Refuse to read a needed stage's outputs made for another config (only teacher-logits is
+    checked: its settings are not part of the reader's config, so nothing else would notice)."""
+    from refinery.core.config import ConfigError
+    from refinery.core.manifest import read_manifest
+
+    if need != "teacher-logits":
+        return
+    out = cfg.context().stage_dir(need)
+    if not (out / "manifest.json").is_file():
+        raise FileNotFoundError(f"{out} has no complete teacher-logits output: run `refinery teacher-logits CONFIG` "
+                                "(or `refinery run CONFIG`)")
+    if read_manifest(out).get("config_hash") != stage_identity(cfg, BY_NAME[need])[1]:
+        raise ConfigError(f"{out} was made for another teacher_logits / models config: run "
+                          "`refinery teacher-logits CONFIG` again (or `refinery run CONFIG`)")
 
 
 def run_stage(cfg, name: str, force: bool = False) -> dict:
@@ -61,6 +84,8 @@ def run_stage(cfg, name: str, force: bool = False) -> dict:
     stage = BY_NAME[name]
     ctx = cfg.context()
     out_dir = ctx.stage_dir(name)
+    for need in needs(cfg, stage):
+        check_fresh(cfg, need)
     inputs = {need: manifest_hash(ctx.stage_dir(need)) for need in needs(cfg, stage)}
     resolved, h = stage_identity(cfg, stage)
     if not force and is_complete(out_dir, h, inputs):

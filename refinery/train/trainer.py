@@ -64,7 +64,10 @@ def load_models(ctx: Context, cfg: DistillConfig, dev: torch.device, with_teache
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    teacher_path, student_path = resolve_models(ctx.models)
+    if with_teacher or not ctx.models.student.path:
+        teacher_path, student_path = resolve_models(ctx.models)
+    else:  # topk: the teacher's logits come from the cache; the teacher need not exist on this machine
+        teacher_path, student_path = ctx.models.teacher, ctx.models.student.path
     remote = ctx.models.trust_remote_code
     dtype = getattr(torch, cfg.dtype)
     tok = AutoTokenizer.from_pretrained(student_path, trust_remote_code=remote)

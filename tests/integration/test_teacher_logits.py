@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from refinery.core.config import ConfigError
 from refinery.core.manifest import read_jsonl, write_jsonl, write_manifest
 from refinery.core.tasks import split
 from refinery.launch.config import load
@@ -169,10 +171,19 @@ def test_a_cache_for_other_settings_is_refused(cached, tiny_student, change, mat
         seqs[3] = seqs[3][:-1]
     elif change == "k":
         expect = _cfg(Path("x"), "t", tiny_student, "teacher_logits.k=8").teacher_logits
-    else:
-        cfg = _cfg(cfg.context().run_dir, cfg.models.teacher, tiny_student, change)
+    distill = cfg.distill
+    if change.startswith("distill."):
+        # the whole config is refused at load, naming both settings ...
+        with pytest.raises(ConfigError, match=change.split("=")[0].replace("distill.", "")):
+            _cfg(cfg.context().run_dir, cfg.models.teacher, tiny_student, change)
+        # ... and the cache itself refuses a distill config that differs from it
+        key, value = change.removeprefix("distill.").split("=")
+        if key == "loss.temperature":
+            distill = replace(distill, loss=replace(distill.loss, temperature=float(value)))
+        else:
+            distill = replace(distill, max_seq_len=int(value))
     with pytest.raises(ValueError, match=match) as e:
-        TopkTeacher(cfg.context().stage_dir("teacher-logits"), seqs, cfg.distill, torch.device("cpu"), expect=expect)
+        TopkTeacher(cfg.context().stage_dir("teacher-logits"), seqs, distill, torch.device("cpu"), expect=expect)
     assert "refinery teacher-logits CONFIG" in str(e.value)
     # renorm uses no tail, so any temperature is served by the same cache
     if change.startswith("distill.loss.temperature"):
@@ -246,7 +257,8 @@ def test_vllm_cache_equals_hf_at_temperature_1(tmp_path, tiny_teacher, tiny_stud
     caches = {}
     for engine in ("hf", "vllm"):
         cfg = _cfg(tmp_path / engine, tiny_teacher, tiny_student, f"teacher_logits.engine={engine}",
-                   "teacher_logits.temperature=1.0", "teacher_logits.rows_per_shard=100")
+                   "teacher_logits.temperature=1.0", "distill.loss.temperature=1.0",
+                   "teacher_logits.rows_per_shard=100")
         _write_data(tmp_path / engine, rows_per_task=3)
         run_stage(cfg, "teacher-logits")
         out = cfg.context().stage_dir("teacher-logits")
@@ -256,3 +268,11 @@ def test_vllm_cache_equals_hf_at_temperature_1(tmp_path, tiny_teacher, tiny_stud
     assert (hf["indices"] == vl["indices"]).float().mean() > 0.99  # near-ties may swap places
     torch.testing.assert_close(vl["values"].float(), hf["values"].float(), rtol=0, atol=1e-2)
     torch.testing.assert_close(vl["log_tail"], hf["log_tail"], rtol=0, atol=2e-3)
+
+
+def test_distill_refuses_a_cache_made_for_another_k(cached, tiny_student):
+    """teacher_logits.k changed since the cache was made: distill says which stage to re-run."""
+    cfg, _ = cached
+    other = _cfg(cfg.context().run_dir, cfg.models.teacher, tiny_student, "teacher_logits.k=8")
+    with pytest.raises(ConfigError, match="run `refinery teacher-logits CONFIG` again"):
+        run_stage(other, "distill", force=True)
