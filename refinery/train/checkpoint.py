@@ -45,9 +45,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a param: the shard of a DTensor (FSDP2), the partition of a ZeRO-3
+    param, else the tensor itself (a view: copy_ into it updates the param)."""
+    if hasattr(t, "ds_tensor"):
+        return t.ds_tensor
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor (the shard of a DTensor, else the tensor), on CPU."""
-    return (t.to_local() if hasattr(t, "to_local") else t).detach().cpu().contiguous()
+    return _part(t).detach().cpu().contiguous()
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -98,8 +105,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     tmp_dir = Path(tmp[0])
     r = world.rank
     save_file(trainable_state(model), str(tmp_dir / _rank_file("adapter", r, "safetensors")))
-    torch.save({"optimizer": _local_optimizer_state(optimizer), "scheduler": scheduler.state_dict()},
-               tmp_dir / _rank_file("optimizer", r, "pt"))
+    opt = optimizer.state_dict() if world.strategy == "deepspeed" else _local_optimizer_state(optimizer)
+    torch.save({"optimizer": opt, "scheduler": scheduler.state_dict()}, tmp_dir / _rank_file("optimizer", r, "pt"))
     torch.save(rng_state(), tmp_dir / _rank_file("rng", r, "pt"))
     world.barrier()
     if world.main:
@@ -169,11 +176,27 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, world=None) -> dict
                            "delete the checkpoints dir to start over")
     with torch.no_grad():
         for name, value in weights.items():
-            p = params[name]
-            (p.to_local() if hasattr(p, "to_local") else p).copy_(value)
-    opt = torch.load(path / _rank_file("optimizer", world.rank, "pt"), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    _reshard_optimizer_state(optimizer)
+            _part(params[name]).copy_(value)
+    if world.strategy == "deepspeed":
+        opt = _load_zero_state(path / _rank_file("optimizer", world.rank, "pt"), optimizer, world)
+    else:
+        opt = torch.load(path / _rank_file("optimizer", world.rank, "pt"), map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(opt["optimizer"])
+        _reshard_optimizer_state(optimizer)
     scheduler.load_state_dict(opt["scheduler"])
     set_rng_state(torch.load(path / _rank_file("rng", world.rank, "pt"), map_location="cpu", weights_only=True))
     return state
+
+
+def _load_zero_state(path: Path, optimizer, world) -> dict:
+    """A DeepSpeed ZeRO optimizer's own state dict, read with weights_only=True: only DeepSpeed's
+    plain loss-scaler and enum classes are allowed besides tensors and containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum]):
+        opt = torch.load(path, map_location="cpu", weights_only=True)
+    states = [None] * world.size  # DeepSpeed reads the entry of its own data-parallel rank
+    states[world.rank] = opt["optimizer"]
+    optimizer.load_state_dict(states, load_from_fp32_weights=True)
+    return opt

@@ -8,6 +8,7 @@ preempted runs call the same `run` again and continue on the same loss curve.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -57,6 +58,8 @@ class Setup:
     resume_key: str
     trainable: int
     world: World
+    engine: object = None
+    """The DeepSpeed engine (strategy deepspeed): it owns backward, clipping, the step and the schedule."""
 
 
 def load_models(ctx: Context, cfg: DistillConfig, dev: torch.device, with_teacher: bool = True):
@@ -109,11 +112,18 @@ def setup(ctx: Context, cfg: DistillConfig) -> Setup:
     cut = sum(len(s) == cfg.max_seq_len for s in seqs)
     if cut:
         log.info("%d of %d examples cut to distill.max_seq_len=%d tokens", cut, len(seqs), cfg.max_seq_len)
-    student = dist.wrap_student(model, world)
     if teacher_model is not None and world.strategy == "fsdp2":
         dist.shard(teacher_model, world)  # frozen weights sharded too: forward only, same ranks
-    optimizer = build_optimizer(model, cfg.optim, distributed=world.size > 1)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
+    engine = None
+    if world.strategy == "deepspeed":
+        from refinery.train import ds
+
+        engine = student = ds.initialize(model, cfg, world)
+        optimizer, scheduler = engine.optimizer, engine.lr_scheduler
+    else:
+        student = dist.wrap_student(model, world)
+        optimizer = build_optimizer(model, cfg.optim, distributed=world.size > 1)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
     # What shapes the loss curve: a checkpoint from anything else must not be resumed. The process
     # layout does not (N ranks take the single-process step): a checkpoint from another world size
     # is then refused by name in load_checkpoint rather than deleted as stale.
@@ -131,7 +141,8 @@ def setup(ctx: Context, cfg: DistillConfig) -> Setup:
         teacher = TopkTeacher(ctx.stage_dir("teacher-logits"), seqs, cfg, dev)
     else:
         teacher = Teacher(teacher_model, seqs, tok.pad_token_id, dev, cache=cfg.teacher_cache)
-    return Setup(student, model, teacher, optimizer, scheduler, seqs, tok.pad_token_id, dev, key, trainable, world)
+    return Setup(student, model, teacher, optimizer, scheduler, seqs, tok.pad_token_id, dev, key, trainable, world,
+                 engine)
 
 
 def train_step(s: Setup, cfg: DistillConfig, step: int, seed: int) -> dict:
@@ -158,19 +169,27 @@ def train_step(s: Setup, cfg: DistillConfig, step: int, seed: int) -> dict:
         out = s.teacher.kd_loss(s_logits, idx, ids, attn, labels, counted, cfg.loss)
         n = int(counted.sum())
         frac = n / w.sum([n])[0]  # this rank's share of the batch's counted tokens
-        (out.loss * (frac * w.size) / cfg.grad_accum).backward()  # DDP / FSDP2 average over ranks
+        if s.engine is not None:  # DeepSpeed divides by grad_accum and steps at the boundary itself
+            s.engine.backward(out.loss * (frac * w.size))
+            lrs = _lrs(s.optimizer)
+            s.engine.step()
+        else:
+            (out.loss * (frac * w.size) / cfg.grad_accum).backward()  # DDP / FSDP2 average over ranks
         for k, part in enumerate((out.loss, out.kd, out.ce)):
             sums[k] += part.item() * frac / cfg.grad_accum
         sums[3] += int(attn.sum())
     loss, kd, ce, tokens = w.sum(sums)
-    params = [p for g in s.optimizer.param_groups for p in g["params"]]
-    clip = cfg.optim.grad_clip
-    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf)
-    grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
-    lrs = {("adamw_lr" if g.get("use_muon") is False else "lr"): g["lr"] for g in s.optimizer.param_groups}
-    s.optimizer.step()
-    s.scheduler.step()
-    s.optimizer.zero_grad(set_to_none=True)
+    if s.engine is not None:
+        grad_norm = float(s.engine.get_global_grad_norm() or 0.0)
+    else:
+        params = [p for g in s.optimizer.param_groups for p in g["params"]]
+        clip = cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf)
+        grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+        lrs = _lrs(s.optimizer)
+        s.optimizer.step()
+        s.scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
     dt = time.perf_counter() - t0
     if not math.isfinite(loss):
         raise FloatingPointError(f"distill: loss is {loss} at step {step}; lower distill.optim.lr "
@@ -178,6 +197,11 @@ def train_step(s: Setup, cfg: DistillConfig, step: int, seed: int) -> dict:
     return {"step": step, "loss": round(loss, 6), "kd": round(kd, 6), "ce": round(ce, 6), **lrs,
             "grad_norm": round(grad_norm, 6), "tokens": int(tokens), "tokens_per_s": round(tokens / dt, 1),
             "step_s": round(dt, 4)}
+
+
+def _lrs(optimizer) -> dict:
+    """The learning rates this step uses, by group kind (Muon groups: lr, AdamW groups: adamw_lr)."""
+    return {("adamw_lr" if g.get("use_muon") is False else "lr"): g["lr"] for g in optimizer.param_groups}
 
 
 def _resume(s: Setup, cfg: DistillConfig, out: Path) -> int:
@@ -278,8 +302,14 @@ def train(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) ->
 
 def save_adapter(s: Setup, path: Path) -> None:
     """The consolidated LoRA adapter (peft format), from any strategy: shards gathered, rank 0 writes."""
-    full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
-            for n, p in s.model.named_parameters() if p.requires_grad}
+    trainable = [(n, p) for n, p in s.model.named_parameters() if p.requires_grad]
+    gather = contextlib.nullcontext()
+    if s.engine is not None and s.engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([p for _, p in trainable])
+    with gather:
+        full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone() for n, p in trainable}
     if s.world.main:
         with atomic_path(path) as tmp:
             s.model.save_pretrained(tmp, state_dict=full)

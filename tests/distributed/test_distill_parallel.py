@@ -1,10 +1,15 @@
-"""`refinery distill --nproc 2` under ddp and fsdp2 on gloo: same training as one process, and a
-killed rank fails the job cleanly and the rerun resumes the same run.
+"""`refinery distill --nproc 2` under ddp, fsdp2 and deepspeed ZeRO-2/3 on gloo: same training as
+one process, and a killed rank fails the job cleanly and the rerun resumes the same run.
 
-Tolerance (documented in NOTES.md): per-step loss within 1e-3 relative of the single-process
-run, adapter within 2% of its largest weight, and the adapted students' choice log-likelihoods
-on held-out items within 0.5% of their magnitude (measured 0.2%) (training moves them > 100x the gap), same argmax. The differences come from reduction
-order across ranks, amplified by Newton-Schulz running in bf16.
+Tolerances (documented in NOTES.md), against the single-process run of the same config:
+- ddp, fsdp2 (our DistMuon): per-step loss within 0.1%, each adapter matrix within 2% (Frobenius,
+  relative; measured 0.7%),
+  held-out choice log-likelihoods within 0.5% of their magnitude (measured 0.2%), same argmax.
+  The differences come from reduction order across ranks, amplified by bf16 Newton-Schulz.
+- deepspeed (DeepSpeed's Muon: its own bf16 Newton-Schulz kernel, so other rounding): loss within
+  1% (measured 0.6%), adapter matrices within 6% (measured 3.4%), log-likelihoods within 2%, same argmax.
+In every case training moves the log-likelihoods > 100x the gap. Gradient clipping is off here:
+DeepSpeed would clip the orthogonalized update (see refinery/train/ds.py).
 """
 from __future__ import annotations
 
@@ -25,7 +30,12 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
 DISTILL = {"steps": STEPS, "batch_size": 4, "max_seq_len": 48, "checkpoint_every": 2, "keep_checkpoints": 2,
-           "lora": {"r": 4, "alpha": 8}, "optim": {"warmup_steps": 2}}
+           "lora": {"r": 4, "alpha": 8}, "optim": {"warmup_steps": 2, "grad_clip": None}}
+TOL = {"ddp": (1e-3, 0.02, 5e-3), "fsdp2": (1e-3, 0.02, 5e-3), "zero2": (1e-2, 0.06, 2e-2), "zero3": (1e-2, 0.06, 2e-2)}
+"""strategy -> (loss, adapter, log-likelihood) relative tolerance."""
+ARGS = {"single": [], "ddp": ["--nproc", "2"], "fsdp2": ["--nproc", "2", "distill.parallel.strategy=fsdp2"],
+        "zero2": ["--nproc", "2", "distill.parallel.strategy=deepspeed"],
+        "zero3": ["--nproc", "2", "distill.parallel.strategy=deepspeed", "distill.parallel.zero_stage=3"]}
 
 
 def _setup(tmp: Path, name: str, teacher: str, student: str, write_data) -> Path:
@@ -52,11 +62,10 @@ def _cli(cfg: Path, *args: str, log: Path | None = None, wait: bool = True):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_teacher, tiny_student, write_train_data):
-    """The same config trained by one process, and by 2 under ddp and under fsdp2."""
+    """The same config trained by one process, and by 2 under each strategy."""
     tmp = tmp_path_factory.mktemp("parallel")
     out = {}
-    for name, args in [("single", []), ("ddp", ["--nproc", "2"]),
-                       ("fsdp2", ["--nproc", "2", "distill.parallel.strategy=fsdp2"])]:
+    for name, args in ARGS.items():
         cfg = _setup(tmp, name, tiny_teacher, tiny_student, write_train_data)
         _cli(cfg, *args)
         out[name] = tmp / name / "distill"
@@ -90,16 +99,18 @@ def _choice_logliks(student: str, adapter: Path | None, n_items: int = 12) -> li
     return scores
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_processes_train_like_one(runs, strategy, tiny_student):
-    one, two = runs["single"], runs[strategy]
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "zero2", "zero3"])
+def test_two_processes_train_like_one(runs, name, tiny_student):
+    one, two = runs["single"], runs[name]
+    tol_loss, tol_w, tol_ll = TOL[name]
     m = read_manifest(two)["metrics"]
+    strategy = "deepspeed" if name.startswith("zero") else name
     assert (m["world_size"], m["strategy"], m["steps"]) == (2, strategy, STEPS)
     ref, got = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert got[-1]["loss"] < 0.5 * got[0]["loss"]  # it learns
     for a, b in zip(ref, got):
-        assert abs(a["loss"] - b["loss"]) <= 1e-3 * a["loss"], (a, b)
+        assert abs(a["loss"] - b["loss"]) <= tol_loss * a["loss"], (a, b)
         assert a["tokens"] == b["tokens"]  # every example of every batch seen exactly once
     # the consolidated adapter (peft format, gathered from the shards) is the single-process one
     wa = load_file(str(one / "adapter" / "adapter_model.safetensors"))
@@ -107,13 +118,13 @@ def test_two_processes_train_like_one(runs, strategy, tiny_student):
     assert wa.keys() == wb.keys() and len(wa) > 0
     for k in wa:
         assert wa[k].shape == wb[k].shape, k
-        assert (wa[k] - wb[k]).abs().max().item() <= 0.02 * wa[k].abs().max().item() + 1e-6, k
+        assert (wa[k] - wb[k]).norm().item() <= tol_w * wa[k].norm().item(), k
     la, lb = _choice_logliks(tiny_student, one / "adapter"), _choice_logliks(tiny_student, two / "adapter")
     base = _choice_logliks(tiny_student, None)
     gap = max(abs(x - y) for ra, rb in zip(la, lb) for x, y in zip(ra, rb))
     moved = sum(abs(x - y) for ra, rb in zip(la, base) for x, y in zip(ra, rb)) / sum(map(len, la))
     scale = sum(abs(x) for r in la for x in r) / sum(map(len, la))
-    assert gap < 5e-3 * scale and moved > 100 * gap, (gap, scale, moved)  # training moved them far more
+    assert gap < tol_ll * scale and moved > 100 * gap, (gap, scale, moved)  # training moved them far more
     assert [r.index(max(r)) for r in la] == [r.index(max(r)) for r in lb]
     # each rank wrote its own checkpoint shard
     last = two / "checkpoints" / f"step-{STEPS:06d}"
@@ -137,11 +148,12 @@ def _workers(spec: Path) -> dict[int, int]:
     return found
 
 
-def test_killed_rank_fails_the_job_then_rerun_resumes(runs, tmp_path, tiny_teacher, tiny_student,
+@pytest.mark.parametrize("name", ["fsdp2", "zero3"])
+def test_killed_rank_fails_the_job_then_rerun_resumes(runs, name, tmp_path, tiny_teacher, tiny_student,
                                                       write_train_data):
     cfg = _setup(tmp_path, "killed", tiny_teacher, tiny_student, write_train_data)
     out = tmp_path / "killed" / "distill"
-    args = ["--nproc", "2", "distill.parallel.strategy=fsdp2"]
+    args = ARGS[name]
     proc = _cli(cfg, *args, log=tmp_path / "first.log", wait=False)
     deadline = time.time() + 300
     while not (out / "checkpoints" / "step-000002").is_dir() and proc.poll() is None and time.time() < deadline:
@@ -168,5 +180,5 @@ def test_killed_rank_fails_the_job_then_rerun_resumes(runs, tmp_path, tiny_teach
     assert "resumed from" in (tmp_path / "second.log").read_text()
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    straight = read_jsonl(runs["fsdp2"] / "metrics.jsonl")
+    straight = read_jsonl(runs[name] / "metrics.jsonl")
     assert [r["loss"] for r in rows] == [r["loss"] for r in straight]  # the same run, continued
