@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     from refinery.launch.stages import run_pipeline, run_stage
+    from refinery.train.preempt import Preempted
 
     logging.getLogger("refinery").info("run dir: %s", cfg.run_dir)
     try:
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"refinery: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"refinery: {e}", file=sys.stderr)
+        return 128 + e.signum  # as if killed by the signal, after a clean checkpoint
     _summary(cfg, results)
     return 0
 

@@ -145,7 +145,11 @@ def launch(run_dir: Path, payload: dict, nproc: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "--max-restarts", "0", "-m", "refinery.train.worker", str(spec)]
     log.info("distill: launching %d processes: %s", nproc, " ".join(cmd))
-    code = subprocess.run(cmd, env=env, check=False).returncode
+    code, signum = _run_forwarding_signals(cmd, env)
+    if signum:
+        from refinery.train.preempt import Preempted
+
+        raise Preempted(-1, signum)
     if code != 0 or not result.is_file():
         raise RuntimeError(f"distill: the {nproc} training processes failed (torchrun exit code {code}); see the "
                            f"log above. Completed checkpoints in {out / 'checkpoints'} are kept: rerun the same "
@@ -153,3 +157,26 @@ def launch(run_dir: Path, payload: dict, nproc: int, out: Path) -> dict:
     data = json.loads(result.read_text())
     result.unlink()
     return data
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict) -> tuple[int, int | None]:
+    """Run torchrun; a SIGTERM/SIGUSR1 to this process is passed on as SIGTERM (torchrun hands it to
+    the workers, which checkpoint and stop). Returns (exit code, the signal received or None)."""
+    import signal
+
+    from refinery.train.preempt import SIGNALS
+
+    proc = subprocess.Popen(cmd, env=env)
+    got: list[int] = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        proc.send_signal(signal.SIGTERM)
+
+    old = {s: signal.signal(s, forward) for s in SIGNALS}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return code, (got[0] if got else None)

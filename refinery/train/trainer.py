@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from refinery.train.config import DistillConfig
 from refinery.train.data import collate, load_rows, sample_indices, tokenize_rows
 from refinery.train.dist import World
 from refinery.train.muon import build_optimizer, build_scheduler
+from refinery.train.preempt import Preempted, StopFlag
 from refinery.train.teacher import Teacher
 
 log = logging.getLogger("refinery.train")
@@ -273,7 +275,7 @@ def train(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) ->
     main = s.world.main
     log.info("distill: %d trainable params, %s, steps %d -> %d on %s x %d (%s)", s.trainable, cfg.optim.name,
              start, end, s.device, s.world.size, s.world.strategy)
-    with (out / "metrics.jsonl").open("a") if main else open(os.devnull, "w") as f, \
+    with StopFlag() as stop, (out / "metrics.jsonl").open("a") if main else open(os.devnull, "w") as f, \
             tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", mininterval=2,
                  disable=not main) as bar:
         for step in range(start + 1, end + 1):
@@ -282,12 +284,16 @@ def train(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) ->
             f.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if step % cfg.checkpoint_every == 0 or step == end:
+            signum = int(s.world.sum([float(stop.signum or 0)])[0])  # any rank signalled: all stop here
+            if step % cfg.checkpoint_every == 0 or step == end or signum:
                 samples = step * cfg.grad_accum * cfg.batch_size
                 ckpt.save_checkpoint(root, step, s.model, s.optimizer, s.scheduler,
                                      {"samples_seen": samples, "resume_key": s.resume_key}, s.world)
                 if main:
                     ckpt.clean(root, cfg.keep_checkpoints)
+            if signum and step < end:
+                log.warning("distill: signal %d: checkpointed step %d, stopping", signum, step)
+                raise Preempted(step, stop.signum or signal.SIGTERM)
     s.world.barrier()
     rows = read_jsonl(out / "metrics.jsonl")
     metrics = _summary(rows, s, cfg, time.time() - t_start) if rows else {"steps": 0}

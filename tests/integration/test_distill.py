@@ -135,6 +135,36 @@ def test_sigkill_and_stop_then_resume_give_the_same_loss_curve(straight, tmp_pat
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_sigterm_checkpoints_the_current_step_then_resume_continues(straight, tmp_path, tiny_teacher, tiny_student,
+                                                                    write_train_data):
+    """Preemption (SIGTERM, as Slurm sends): checkpoint at the step in progress, exit 143, resume there."""
+    from refinery.launch.stages import run_stage
+
+    cfg, cfg_path = _cfg(tmp_path, tiny_teacher, tiny_student, write_train_data)
+    out = cfg.context().stage_dir("distill")
+    log = tmp_path / "train.log"
+    proc = subprocess.Popen([sys.executable, "-m", "refinery.launch.cli", "distill", str(cfg_path)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:  # past the step-3 checkpoint, before step 6's
+        rows = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+        if len(rows) >= 4:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-2000:]
+    assert "rerun the same command to resume" in log.read_text()
+    before = read_jsonl(out / "metrics.jsonl")
+    stopped = before[-1]["step"]
+    assert 4 <= stopped < N
+    assert (out / "checkpoints" / f"step-{stopped:06d}").is_dir()  # the step in progress, not only step 3
+    assert not (out / "manifest.json").exists()
+    assert run_stage(cfg, "distill")["skipped"] is False
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert rows[:stopped] == before  # nothing redone
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight[2]]
+
+
 def test_missing_data_names_the_fix(tmp_path, tiny_teacher, tiny_student):
     from refinery.train.trainer import run
 
