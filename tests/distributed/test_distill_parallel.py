@@ -182,3 +182,25 @@ def test_killed_rank_fails_the_job_then_rerun_resumes(runs, name, tmp_path, tiny
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     straight = read_jsonl(runs[name] / "metrics.jsonl")
     assert [r["loss"] for r in rows] == [r["loss"] for r in straight]  # the same run, continued
+
+
+def test_sigterm_to_the_launcher_checkpoints_every_rank(runs, tmp_path, tiny_teacher, tiny_student, write_train_data):
+    """Slurm-style preemption of `refinery distill --nproc 2`: all ranks checkpoint the same step, exit 143."""
+    cfg = _setup(tmp_path, "term", tiny_teacher, tiny_student, write_train_data)
+    out = tmp_path / "term" / "distill"
+    proc = _cli(cfg, *ARGS["ddp"], log=tmp_path / "term.log", wait=False)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if (out / "metrics.jsonl").is_file() and len(read_jsonl(out / "metrics.jsonl")) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "term.log").read_text()[-3000:]
+    stopped = read_jsonl(out / "metrics.jsonl")[-1]["step"]
+    last = out / "checkpoints" / f"step-{stopped:06d}"
+    assert sorted(p.name for p in last.glob("adapter-rank*")) == ["adapter-rank00000.safetensors",
+                                                                 "adapter-rank00001.safetensors"]
+    assert _workers(out / "launch.json") == {}
+    _cli(cfg, *ARGS["ddp"], log=tmp_path / "term2.log")
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["loss"] for r in rows] == [r["loss"] for r in read_jsonl(runs["ddp"] / "metrics.jsonl")]
