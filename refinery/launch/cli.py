@@ -4,6 +4,7 @@
     refinery generate|teacher-logits|distill|quantize|evaluate|report CONFIG [overrides]
     refinery distill CONFIG --nproc 2 [distill.parallel.strategy=fsdp2]   # torchrun, N processes
     refinery check CONFIG [overrides]        # validate only, print the resolved config
+    refinery sweep SWEEP.yaml [--address auto] | refinery sweep status SWEEP_DIR
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ STAGE_CMDS = ("generate", "teacher-logits", "distill", "quantize", "evaluate", "
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="refinery", description="Distill, quantize and evaluate a small student LLM.")
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("sweep", help="Bayesian hyperparameter sweep (refinery sweep SWEEP.yaml | status DIR)")
     for name, help_ in [("run", "all stages, skipping those already complete"),
                         ("check", "validate a config and print it resolved"),
                         *[(s, f"only the {s} stage (needs the previous stages' outputs)") for s in STAGE_CMDS]]:
@@ -27,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.steps=50")
         if name != "check":
             sp.add_argument("--force", action="store_true", help="re-run even if the stage is complete")
+        if name == "run":
+            sp.add_argument("--stages", default=None,
+                            help="comma-separated subset of the stages to run, e.g. distill,quantize,evaluate")
         if name in ("run", "distill"):
             sp.add_argument("--nproc", type=int, default=None,
                             help="training processes (sets distill.parallel.nproc; strategy ddp unless set)")
@@ -34,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sweep"]:  # its own parser (and `sweep status DIR`)
+        from refinery.cluster.sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may also follow the options
     bad = [e for e in extra if e.startswith("-") or "=" not in e]
@@ -64,7 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("refinery").info("run dir: %s", cfg.run_dir)
     try:
         if args.cmd == "run":
-            results = run_pipeline(cfg, force=args.force)
+            stages = args.stages.split(",") if args.stages else None
+            bad = sorted(set(stages or []) - set(STAGE_CMDS))
+            if bad:
+                print(f"refinery: --stages: unknown stage {bad[0]!r}; stages: {', '.join(STAGE_CMDS)}", file=sys.stderr)
+                return 2
+            results = run_pipeline(cfg, stages, force=args.force)
         else:
             results = [run_stage(cfg, args.cmd, force=args.force)]
     except (ConfigError, FileNotFoundError) as e:

@@ -1,0 +1,135 @@
+"""A sweep's outputs: results.csv, best.yaml, plots; and `refinery sweep status DIR`.
+
+Everything is read from `<sweep>/results/<key>.json` (one per finished configuration, written
+atomically by the trial) and the run directories, so it works on a running, crashed or
+finished sweep alike.
+"""
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+from pathlib import Path
+
+import yaml
+
+from refinery.core.manifest import atomic_path
+
+STAGES = ("distill", "quantize", "evaluate")
+
+
+def finished(sweep_dir: Path) -> list[dict]:
+    rows = [json.loads(p.read_text()) for p in (sweep_dir / "results").glob("*.json")]
+    return sorted(rows, key=lambda r: r["finished"])
+
+
+def pareto(rows: list[dict]) -> set[str]:
+    """Keys of configurations no other one beats on accuracy (max), bytes and decode ms (min) at once."""
+    def vec(r):
+        return (-r["accuracy"], r["bytes"], r["decode_ms"] if r["decode_ms"] is not None else float("inf"))
+
+    front = set()
+    for r in rows:
+        v = vec(r)
+        if not any(all(a <= b for a, b in zip(vec(o), v)) and vec(o) != v for o in rows):
+            front.add(r["key"])
+    return front
+
+
+def write_outputs(sweep, sweep_dir: Path) -> None:
+    rows = finished(sweep_dir)
+    if not rows:
+        return
+    keys = list(sweep.space)
+    front = pareto(rows)
+    with atomic_path(sweep_dir / "results.csv") as tmp, tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["order", "key", *keys, "objective", "objective_std", "accuracy", "bytes", "decode_ms",
+                    "replicates", "wall_s", "pareto"])
+        for i, r in enumerate(rows, 1):
+            w.writerow([i, r["key"], *[r["params"].get(k) for k in keys], round(r["objective"], 6),
+                        round(r["objective_std"], 6), round(r["accuracy"], 6), int(r["bytes"]),
+                        r["decode_ms"], len(r["replicates"]), round(sum(x["wall_s"] for x in r["replicates"]), 1),
+                        r["key"] in front])
+    best = max(rows, key=lambda r: r["objective"])
+    from refinery.cluster.trial import overrides
+    from refinery.core.config import apply_overrides, load_yaml
+
+    data = load_yaml(sweep.base)
+    apply_overrides(data, [*overrides(sweep, best["params"]), f"run_dir={sweep_dir / 'best'}"])
+    with atomic_path(sweep_dir / "best.yaml") as tmp:
+        tmp.write_text(f"# best of {len(rows)} configurations in {sweep_dir} (objective {best['objective']:.4f} "
+                       f"+- {best['objective_std']:.4f}); run: refinery run {sweep_dir / 'best.yaml'}\n"
+                       + yaml.safe_dump(data, sort_keys=False))
+    _plots(rows, front, sweep_dir / "plots")
+
+
+def _plots(rows: list[dict], front: set[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.errorbar(range(1, len(rows) + 1), [r["objective"] for r in rows], yerr=[r["objective_std"] for r in rows],
+                fmt="o-", capsize=3)
+    ax.set(xlabel="trial (finish order)", ylabel="objective", title="objective over trials")
+    fig.tight_layout()
+    fig.savefig(out / "objective.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for r in rows:
+        on = r["key"] in front
+        ax.scatter(r["bytes"] / 1e6, r["accuracy"], c="C3" if on else "C0", s=40 if on else 20)
+    ax.set(xlabel="MB on disk (quantized student)", ylabel="accuracy", title="accuracy vs bytes (red: Pareto front)")
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    plt.close(fig)
+
+
+def _driver_running(sweep_dir: Path) -> bool:
+    lock = sweep_dir / ".driver.lock"
+    if not lock.exists():
+        return False
+    with lock.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def run_state(run_dir: Path) -> str:
+    """done / running / stopped, with the last stage reached and distill's step."""
+    from refinery.cluster.trial import LOCK
+
+    done = [s for s in STAGES if (run_dir / s / "manifest.json").is_file()]
+    metrics = run_dir / "distill" / "metrics.jsonl"
+    step = sum(1 for _ in metrics.open()) if metrics.is_file() else 0
+    pid = (run_dir / LOCK).read_text().strip() if (run_dir / LOCK).is_file() else ""
+    live = bool(pid) and Path(f"/proc/{pid}").exists()
+    state = "done" if len(done) == len(STAGES) else ("running" if live else "stopped")
+    return f"{state:<8} stages done: {','.join(done) or '-':<25} distill step {step}"
+
+
+def print_status(sweep_dir: Path) -> int:
+    spec = sweep_dir / "sweep.json"
+    if not spec.is_file():
+        print(f"{sweep_dir} is not a sweep directory (no sweep.json)")
+        return 2
+    sweep = json.loads(spec.read_text())
+    rows = finished(sweep_dir)
+    print(f"sweep {sweep_dir}: driver {'running' if _driver_running(sweep_dir) else 'not running'}; "
+          f"{len(rows)} of {sweep['num_samples']} configurations finished (x{sweep['replicates']} replicates)")
+    for r in sorted(rows, key=lambda r: -r["objective"]):
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+        print(f"  {r['key']}  objective {r['objective']:.4f} +- {r['objective_std']:.4f}  {params}")
+    runs = sorted((sweep_dir / "runs").glob("*")) if (sweep_dir / "runs").is_dir() else []
+    print("runs:")
+    for d in runs:
+        print(f"  {d.name:<18} {run_state(d)}")
+    if (sweep_dir / "best.yaml").is_file():
+        print(f"best config: {sweep_dir / 'best.yaml'}")
+    return 0

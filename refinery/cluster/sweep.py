@@ -1,0 +1,194 @@
+"""`refinery sweep SWEEP.yaml`: Bayesian search over the pipeline with Ray Tune + Optuna (TPE).
+
+    refinery sweep configs/sweep-quickstart.yaml [--address auto] [dotted=overrides]
+    refinery sweep status runs/sweep-quickstart
+
+The driver (one per sweep dir, held by a lock) runs generate once into `<sweep>/shared`, then
+Tune: each trial runs distill -> quantize -> evaluate per replicate (refinery.cluster.trial)
+and reports the objective measured on the quantized student. Rerunning the same command after
+a crash or `kill -9` resumes: `Tuner.restore(resume_errored=True)` keeps finished trials and
+the searcher's state, trial processes the dead driver left behind are stopped (they checkpoint
+on SIGTERM), and restarted trials continue from their stage manifests and distill checkpoints.
+Outputs: `results.csv`, `best.yaml` (runnable), `plots/`, next to `tune/` and `runs/`.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from refinery.cluster.sweep_config import SweepConfig, load_sweep
+from refinery.core.config import ConfigError, to_dict
+from refinery.core.manifest import write_json
+
+log = logging.getLogger("refinery.sweep")
+
+
+@contextmanager
+def driver_lock(sweep_dir: Path):
+    """One driver per sweep dir; the kernel drops the lock when a driver dies, even by kill -9."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with (sweep_dir / ".driver.lock").open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another `refinery sweep` is running on {sweep_dir}; wait for it or stop it") from None
+        yield
+
+
+def _check_same_sweep(sweep: SweepConfig, sweep_dir: Path) -> None:
+    """A sweep dir holds one search space and objective; refuse to resume it with another."""
+    spec = sweep_dir / "sweep.json"
+    mine = {k: v for k, v in to_dict(sweep).items() if k not in ("max_concurrent", "sweep_dir")}
+    if spec.is_file():
+        old = json.loads(spec.read_text())
+        if old != json.loads(json.dumps(mine)):
+            diff = sorted(k for k in set(old) | set(mine) if old.get(k) != json.loads(json.dumps(mine)).get(k))
+            raise ConfigError(f"{sweep_dir} holds a sweep with other settings ({', '.join(diff)}): use another "
+                              "sweep_dir, or delete it to start over")
+    else:
+        write_json(spec, mine)
+
+
+def shared_generate(sweep: SweepConfig, sweep_dir: Path) -> None:
+    """The training data of every trial: the base config's generate stage, run once (a complete
+    `<sweep>/shared/generate` is reused as it is: the sweep's base and overrides cannot change)."""
+    from refinery.core.manifest import read_manifest
+
+    m = read_manifest(sweep_dir / "shared" / "generate")
+    if m and m.get("status") == "complete":
+        log.info("sweep: reusing the shared data in %s", sweep_dir / "shared" / "generate")
+        return
+    cmd = [sys.executable, "-m", "refinery.launch.cli", "generate", sweep.base, *sweep.overrides,
+           f"run_dir={sweep_dir / 'shared'}"]
+    log.info("sweep: shared data: %s", " ".join(cmd))
+    if subprocess.run(cmd, check=False).returncode != 0:
+        raise RuntimeError(f"sweep: generate for {sweep_dir / 'shared'} failed (see above)")
+
+
+def _space(sweep: SweepConfig) -> dict:
+    from ray import tune
+
+    make = {"loguniform": lambda p: tune.loguniform(p.low, p.high), "uniform": lambda p: tune.uniform(p.low, p.high),
+            "int": lambda p: tune.randint(int(p.low), int(p.high) + 1), "choice": lambda p: tune.choice(p.values)}
+    return {k: make[p.type](p) for k, p in sweep.space.items()}
+
+
+def _trainable(config: dict, sweep: SweepConfig, sweep_dir: str, base_seed: int) -> None:
+    from ray import tune
+
+    from refinery.cluster.trial import run_trial
+
+    os.chdir(os.environ.get("REFINERY_SWEEP_CWD", os.getcwd()))  # relative paths in the configs
+    summary = run_trial(dict(config), sweep, Path(sweep_dir), base_seed)
+    tune.report({k: summary[k] for k in ("objective", "objective_std", "accuracy", "bytes")} |
+                {"decode_ms": summary["decode_ms"] or 0.0, "key": summary["key"]})
+
+
+def _ray_temp(sweep_dir: Path) -> str:
+    """A short per-sweep Ray temp dir (Ray's socket paths must stay under ~107 characters)."""
+    return f"/tmp/ray-refinery-{hashlib.sha256(str(sweep_dir).encode()).hexdigest()[:8]}"
+
+
+def stop_ray_orphans(sweep_dir: Path) -> int:
+    """Kill Ray processes of this sweep's previous driver (found by its temp dir; nothing else)."""
+    import signal
+
+    tag, n = _ray_temp(sweep_dir).encode(), 0
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if tag in (d / "cmdline").read_bytes():
+                    os.kill(int(d.name), signal.SIGKILL)
+                    n += 1
+            except OSError:
+                pass
+    return n
+
+
+def run_sweep(path: str, overrides: list[str] = (), address: str | None = None) -> Path:
+    import ray
+    from ray import tune
+
+    from refinery.cluster.results import write_outputs
+    from refinery.cluster.trial import stop_orphans
+    from refinery.launch.config import load
+
+    sweep = load_sweep(path, overrides)
+    sweep_dir = Path(sweep.sweep_dir).resolve()
+    base_seed = load(sweep.base, sweep.overrides).seed
+    with driver_lock(sweep_dir):
+        _check_same_sweep(sweep, sweep_dir)
+        if stop_orphans(sweep_dir) or (address is None and stop_ray_orphans(sweep_dir)):
+            log.info("sweep: stopped processes a previous driver left behind")
+        shared_generate(sweep, sweep_dir)
+        os.environ["REFINERY_SWEEP_CWD"] = os.getcwd()
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count(), _temp_dir=_ray_temp(sweep_dir), include_dashboard=False,
+                     log_to_driver=False)
+        try:
+            trainable = tune.with_resources(
+                tune.with_parameters(_trainable, sweep=sweep, sweep_dir=str(sweep_dir), base_seed=base_seed),
+                {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
+            storage = str(sweep_dir / "tune")
+            if tune.Tuner.can_restore(os.path.join(storage, "sweep")):
+                log.info("sweep: resuming %s", sweep_dir)
+                tuner = tune.Tuner.restore(os.path.join(storage, "sweep"), trainable=trainable,
+                                           resume_errored=True)
+            else:
+                tuner = tune.Tuner(trainable, param_space=_space(sweep), tune_config=_tune_config(sweep),
+                                   run_config=tune.RunConfig(name="sweep", storage_path=storage,
+                                                             failure_config=tune.FailureConfig(max_failures=1)))
+            tuner.fit()
+        finally:
+            ray.shutdown()
+        write_outputs(sweep, sweep_dir)
+    return sweep_dir
+
+
+def _tune_config(sweep: SweepConfig):
+    from ray import tune
+
+    search = None
+    if sweep.searcher == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        search = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sweep.seed))
+    return tune.TuneConfig(metric="objective", mode="max", num_samples=sweep.num_samples, search_alg=search,
+                           max_concurrent_trials=sweep.max_concurrent)
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    if argv and argv[0] == "status":
+        from refinery.cluster.results import print_status
+
+        return print_status(Path(argv[1])) if len(argv) > 1 else _usage()
+    ap = argparse.ArgumentParser(prog="refinery sweep")
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--address", default=None, help="an existing Ray cluster (e.g. auto); default: local Ray")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        out = run_sweep(args.config, args.overrides, args.address)
+    except ConfigError as e:
+        print(f"refinery sweep: {e}", file=sys.stderr)
+        return 2
+    print(f"\nsweep done: {out}/results.csv, {out}/best.yaml")
+    return 0
+
+
+def _usage() -> int:
+    print("usage: refinery sweep status SWEEP_DIR", file=sys.stderr)
+    return 2

@@ -1,0 +1,126 @@
+"""One sweep trial: the chain distill -> quantize -> evaluate for one configuration, per replicate.
+
+Each replicate is a `refinery run ... --stages distill,quantize,evaluate` process in its own run
+directory, named by a hash of the configuration and the replicate's seed, so a trial restarted
+after a crash or preemption finds its finished stages (manifests) and its distill checkpoints
+and continues; generate is shared by the whole sweep (a symlink to `<sweep>/shared/generate`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from refinery.core.config import config_hash
+from refinery.core.manifest import write_json
+
+LOCK = ".trial.pid"
+STAGES = "distill,quantize,evaluate"
+
+
+class TrialFailed(RuntimeError):
+    pass
+
+
+def config_key(params: dict) -> str:
+    return config_hash(params)[:12]
+
+
+def overrides(sweep, params: dict) -> list[str]:
+    """The dotted overrides of one configuration (sweep-wide ones first)."""
+    return [*sweep.overrides, *[f"{k}={json.dumps(v)}" for k, v in sorted(params.items())]]
+
+
+def run_dirs(sweep_dir: Path, params: dict, replicates: int) -> list[Path]:
+    return [sweep_dir / "runs" / f"{config_key(params)}-r{k}" for k in range(replicates)]
+
+
+def _read_objective(run_dir: Path, objective) -> dict:
+    res = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    m = res["models"].get(objective.model)
+    if m is None or "mean_acc" not in m:
+        raise TrialFailed(f"{run_dir}: evaluate has no accuracy for {objective.model}; keep it in evaluate.models")
+    decode = (m.get("latency") or {}).get("decode_ms_per_token")
+    score = m["mean_acc"]
+    if objective.metric == "weighted":
+        score -= objective.bytes_weight * m["bytes"] / 1e9 + objective.latency_weight * (decode or 0.0)
+    return {"objective": score, "accuracy": m["mean_acc"], "bytes": m["bytes"], "decode_ms": decode,
+            "per_task": {t: v["acc"] for t, v in m["tasks"].items()}}
+
+
+def run_replicate(sweep, sweep_dir: Path, params: dict, k: int, base_seed: int) -> dict:
+    run_dir = run_dirs(sweep_dir, params, k + 1)[k]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    gen = run_dir / "generate"
+    if not gen.exists():
+        gen.symlink_to(sweep_dir / "shared" / "generate", target_is_directory=True)
+    cmd = [sys.executable, "-m", "refinery.launch.cli", "run", sweep.base, *overrides(sweep, params),
+           f"run_dir={run_dir}", f"seed={base_seed + k}", "--stages", STAGES]
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    t0 = time.time()
+    with (run_dir / "trial.log").open("a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+        (run_dir / LOCK).write_text(str(proc.pid))
+        try:
+            code = proc.wait()
+        except BaseException:  # Tune stopping the trial: let the chain checkpoint, then go
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+            raise
+        finally:
+            (run_dir / LOCK).unlink(missing_ok=True)
+    if code != 0:
+        tail = (run_dir / "trial.log").read_text()[-2000:]
+        raise TrialFailed(f"trial run {run_dir} failed (exit {code}):\n{tail}")
+    return {**_read_objective(run_dir, sweep.objective), "wall_s": round(time.time() - t0, 1)}
+
+
+def run_trial(params: dict, sweep, sweep_dir: Path, base_seed: int) -> dict:
+    """All replicates of one configuration; writes `<sweep>/results/<key>.json`; returns the summary.
+
+    A configuration already summarized is returned as it is: Tune may run a trial again after a
+    driver crash when its experiment state was saved before the trial finished.
+    """
+    done = sweep_dir / "results" / f"{config_key(params)}.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    reps = [run_replicate(sweep, sweep_dir, params, k, base_seed) for k in range(sweep.replicates)]
+    scores = [r["objective"] for r in reps]
+    summary = {"key": config_key(params), "params": params, "objective": statistics.mean(scores),
+               "objective_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+               "accuracy": statistics.mean(r["accuracy"] for r in reps),
+               "bytes": statistics.mean(r["bytes"] for r in reps),
+               "decode_ms": statistics.mean(r["decode_ms"] for r in reps) if all(r["decode_ms"] for r in reps)
+               else None, "replicates": reps, "finished": time.time()}
+    write_json(sweep_dir / "results" / f"{summary['key']}.json", summary)
+    return summary
+
+
+def stop_orphans(sweep_dir: Path, grace_s: float = 60.0) -> list[int]:
+    """Stop trial processes left by a driver that died (only ours: pids recorded in our run dirs)."""
+    stopped = []
+    for lock in sorted((sweep_dir / "runs").glob(f"*/{LOCK}")):
+        try:
+            pid = int(lock.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (ValueError, OSError):
+            lock.unlink(missing_ok=True)
+            continue
+        if str(lock.parent).encode() not in cmdline:  # pid reused by something else
+            lock.unlink(missing_ok=True)
+            continue
+        os.kill(pid, signal.SIGTERM)  # the chain checkpoints on SIGTERM
+        deadline = time.time() + grace_s
+        while Path(f"/proc/{pid}").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+        lock.unlink(missing_ok=True)
+        stopped.append(pid)
+    return stopped

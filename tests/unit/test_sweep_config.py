@@ -1,0 +1,42 @@
+"""The sweep YAML: bad keys and values are named before any work; the Pareto front."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from refinery.cluster.results import pareto
+from refinery.cluster.sweep_config import load_sweep
+from refinery.core.config import ConfigError
+
+
+def _write(tmp_path, **over):
+    data = {"base": "configs/quickstart.yaml", "sweep_dir": str(tmp_path / "s"),
+            "space": {"distill.optim.lr": {"type": "loguniform", "low": 0.001, "high": 0.1}}, **over}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_shipped_sweep_config_loads():
+    cfg = load_sweep("configs/sweep-quickstart.yaml")
+    assert cfg.num_samples == 6 and "distill.optim.lr" in cfg.space
+
+
+@pytest.mark.parametrize("space,match", [
+    ({"generate.temperature": {"type": "uniform", "low": 0.1, "high": 1}}, r"space.generate.temperature.*runs once"),
+    ({"distill.optim.lrr": {"type": "uniform", "low": 0.1, "high": 1}}, r"space.distill.optim.lrr: unknown config key"),
+    ({"distill.optim.lr": {"type": "loguniform", "low": 0, "high": 1}}, r"low: got 0"),
+    ({"distill.optim.name": {"type": "choice", "values": ["sgd"]}}, r"space.distill.optim.name.*'sgd'"),
+    ({"distill.optim.lr": {"type": "normal", "low": 0, "high": 1}}, r"type: got 'normal'"),
+])
+def test_bad_space_is_named(tmp_path, space, match):
+    with pytest.raises(ConfigError, match=match):
+        load_sweep(_write(tmp_path, space=space))
+
+
+def test_pareto_front():
+    rows = [{"key": "a", "accuracy": 0.5, "bytes": 100, "decode_ms": 10},
+            {"key": "b", "accuracy": 0.6, "bytes": 200, "decode_ms": 10},
+            {"key": "c", "accuracy": 0.4, "bytes": 150, "decode_ms": 12},   # beaten by a on all three
+            {"key": "d", "accuracy": 0.5, "bytes": 100, "decode_ms": 9}]    # beats a
+    assert pareto(rows) == {"b", "d"}
