@@ -132,8 +132,9 @@ def run_sweep(path: str, overrides: list[str] = (), address: str | None = None) 
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=os.cpu_count(), _temp_dir=_ray_temp(sweep_dir), include_dashboard=False,
-                     log_to_driver=False)
+            # "local": a new Ray of our own, never another cluster that happens to run on this machine
+            ray.init(address="local", num_cpus=os.cpu_count(), _temp_dir=_ray_temp(sweep_dir),
+                     include_dashboard=False, log_to_driver=False)
         try:
             trainable = tune.with_resources(
                 tune.with_parameters(_trainable, sweep=sweep, sweep_dir=str(sweep_dir), base_seed=base_seed),

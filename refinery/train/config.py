@@ -78,6 +78,9 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage (2 or 3; 3 also shards the frozen weights). Only for strategy deepspeed."""
     timeout_s: int = 300
     """Collective timeout: a dead or stuck rank fails the job after this many seconds instead of hanging."""
+    launcher: Literal["torchrun", "ray"] = "torchrun"
+    """torchrun: N processes on this node. ray: a Ray Train TorchTrainer with N workers on the Ray cluster
+    (the address in RAY_ADDRESS, else a local Ray), e.g. inside sweep trials."""
 
     def __post_init__(self):
         check(self.nproc >= 1, "nproc", self.nproc, "an integer >= 1")

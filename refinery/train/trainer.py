@@ -252,7 +252,12 @@ def run(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) -> R
         return train(ctx, cfg, stop_after=stop_after)
     payload = {"run_dir": str(ctx.run_dir), "seed": ctx.seed, "models": to_dict(ctx.models),
                "tasks": to_dict(ctx.tasks), "distill": to_dict(cfg), "stop_after": stop_after}
-    got = dist.launch(ctx.run_dir, payload, cfg.parallel.nproc, ctx.stage_dir("distill"))
+    if cfg.parallel.launcher == "ray":
+        from refinery.train.ray_launch import launch_ray
+
+        got = launch_ray(payload, cfg.parallel, ctx.stage_dir("distill"))
+    else:
+        got = dist.launch(ctx.run_dir, payload, cfg.parallel.nproc, ctx.stage_dir("distill"))
     return Result(got["metrics"], got["outputs"])
 
 

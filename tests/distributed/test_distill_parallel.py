@@ -1,4 +1,5 @@
-"""`refinery distill --nproc 2` under ddp, fsdp2 and deepspeed ZeRO-2/3 on gloo: same training as
+"""`refinery distill --nproc 2` under ddp, fsdp2 and deepspeed ZeRO-2/3 on gloo (torchrun; ddp also as
+a Ray Train TorchTrainer): same training as
 one process, and a killed rank fails the job cleanly and the rerun resumes the same run.
 
 Tolerances (documented in NOTES.md), against the single-process run of the same config:
@@ -31,11 +32,12 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
 DISTILL = {"steps": STEPS, "batch_size": 4, "max_seq_len": 48, "checkpoint_every": 2, "keep_checkpoints": 2,
            "lora": {"r": 4, "alpha": 8}, "optim": {"warmup_steps": 2, "grad_clip": None}}
-TOL = {"ddp": (1e-3, 0.02, 5e-3), "fsdp2": (1e-3, 0.02, 5e-3), "zero2": (1e-2, 0.06, 2e-2), "zero3": (1e-2, 0.06, 2e-2)}
+TOL = {"ddp": (1e-3, 0.02, 5e-3), "fsdp2": (1e-3, 0.02, 5e-3), "ray": (1e-3, 0.02, 5e-3), "zero2": (1e-2, 0.06, 2e-2), "zero3": (1e-2, 0.06, 2e-2)}
 """strategy -> (loss, adapter, log-likelihood) relative tolerance."""
 ARGS = {"single": [], "ddp": ["--nproc", "2"], "fsdp2": ["--nproc", "2", "distill.parallel.strategy=fsdp2"],
         "zero2": ["--nproc", "2", "distill.parallel.strategy=deepspeed"],
-        "zero3": ["--nproc", "2", "distill.parallel.strategy=deepspeed", "distill.parallel.zero_stage=3"]}
+        "zero3": ["--nproc", "2", "distill.parallel.strategy=deepspeed", "distill.parallel.zero_stage=3"],
+        "ray": ["--nproc", "2", "distill.parallel.launcher=ray"]}  # ddp in a Ray Train TorchTrainer
 
 
 def _setup(tmp: Path, name: str, teacher: str, student: str, write_data) -> Path:
@@ -99,12 +101,12 @@ def _choice_logliks(student: str, adapter: Path | None, n_items: int = 12) -> li
     return scores
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp2", "zero2", "zero3"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "zero2", "zero3", "ray"])
 def test_two_processes_train_like_one(runs, name, tiny_student):
     one, two = runs["single"], runs[name]
     tol_loss, tol_w, tol_ll = TOL[name]
     m = read_manifest(two)["metrics"]
-    strategy = "deepspeed" if name.startswith("zero") else name
+    strategy = {"zero2": "deepspeed", "zero3": "deepspeed", "ray": "ddp"}.get(name, name)
     assert (m["world_size"], m["strategy"], m["steps"]) == (2, strategy, STEPS)
     ref, got = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
