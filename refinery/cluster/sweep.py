@@ -122,7 +122,13 @@ def run_sweep(path: str, overrides: list[str] = (), address: str | None = None) 
 
     sweep = load_sweep(path, overrides)
     sweep_dir = Path(sweep.sweep_dir).resolve()
-    base_seed = load(sweep.base, sweep.overrides).seed
+    base = load(sweep.base, sweep.overrides)
+    base_seed = base.seed
+    # With the Ray launcher a trial's distill runs as a TorchTrainer that reserves its own workers'
+    # CPUs/GPUs; the trial process itself then reserves a token 0.01 CPU (Tune refuses 0), or the two
+    # would wait on each other. A local Ray gets one logical CPU more to hold those tokens.
+    ray_train = base.distill.parallel.launcher == "ray" and base.distill.parallel.strategy != "none"
+    resources = {"cpu": 0.01} if ray_train else {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
     with driver_lock(sweep_dir):
         _check_same_sweep(sweep, sweep_dir)
         if stop_orphans(sweep_dir) or (address is None and stop_ray_orphans(sweep_dir)):
@@ -133,12 +139,12 @@ def run_sweep(path: str, overrides: list[str] = (), address: str | None = None) 
             ray.init(address=address, log_to_driver=False)
         else:
             # "local": a new Ray of our own, never another cluster that happens to run on this machine
-            ray.init(address="local", num_cpus=os.cpu_count(), _temp_dir=_ray_temp(sweep_dir),
+            ray.init(address="local", num_cpus=(os.cpu_count() or 1) + ray_train, _temp_dir=_ray_temp(sweep_dir),
                      include_dashboard=False, log_to_driver=False)
         try:
             trainable = tune.with_resources(
                 tune.with_parameters(_trainable, sweep=sweep, sweep_dir=str(sweep_dir), base_seed=base_seed),
-                {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
+                resources)
             storage = str(sweep_dir / "tune")
             if tune.Tuner.can_restore(os.path.join(storage, "sweep")):
                 log.info("sweep: resuming %s", sweep_dir)

@@ -53,6 +53,15 @@ def _read_objective(run_dir: Path, objective) -> dict:
             "per_task": {t: v["acc"] for t, v in m["tasks"].items()}}
 
 
+def _ray_address() -> dict:
+    try:
+        import ray
+
+        return {"RAY_ADDRESS": ray.get_runtime_context().gcs_address} if ray.is_initialized() else {}
+    except Exception:  # not inside Ray (direct calls, tests)
+        return {}
+
+
 def run_replicate(sweep, sweep_dir: Path, params: dict, k: int, base_seed: int) -> dict:
     run_dir = run_dirs(sweep_dir, params, k + 1)[k]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -63,6 +72,7 @@ def run_replicate(sweep, sweep_dir: Path, params: dict, k: int, base_seed: int) 
            f"run_dir={run_dir}", f"seed={base_seed + k}", "--stages", STAGES]
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env.update(_ray_address())  # distill.parallel.launcher=ray: the TorchTrainer joins the sweep's cluster
     t0 = time.time()
     with (run_dir / "trial.log").open("a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())

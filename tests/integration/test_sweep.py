@@ -94,3 +94,21 @@ def _cmd(d: Path) -> bytes:
         return (d / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_sweep_trials_train_with_ray_train_torchtrainer(tmp_path, tiny_teacher, tiny_student, write_train_data):
+    """distill.parallel.launcher=ray: each trial's distill is a 2-worker TorchTrainer on the sweep's Ray."""
+    cfg, sweep_dir = _files(tmp_path, tiny_teacher, tiny_student, write_train_data)
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["distill"]["parallel"] = {"strategy": "ddp", "nproc": 2, "launcher": "ray"}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = yaml.safe_load(cfg.read_text())
+    sweep["num_samples"] = 2
+    cfg.write_text(yaml.safe_dump(sweep))
+    proc = _sweep(cfg, tmp_path / "sweep.log")
+    assert proc.wait(timeout=1200) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    assert len(list((sweep_dir / "results").glob("*.json"))) == 2
+    for run in (sweep_dir / "runs").iterdir():
+        log = (run / "trial.log").read_text()
+        assert "Ray Train TorchTrainer with 2 workers" in log and "on cpu x 2 (ddp)" in log
+        assert json.loads((run / "distill" / "manifest.json").read_text())["metrics"]["world_size"] == 2
