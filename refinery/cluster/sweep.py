@@ -83,12 +83,30 @@ def _space(sweep: SweepConfig) -> dict:
 def _trainable(config: dict, sweep: SweepConfig, sweep_dir: str, base_seed: int) -> None:
     from ray import tune
 
-    from refinery.cluster.trial import run_trial
+    from refinery.cluster.trial import distill_losses, run_trial
 
     os.chdir(os.environ.get("REFINERY_SWEEP_CWD", os.getcwd()))  # relative paths in the configs
-    summary = run_trial(dict(config), sweep, Path(sweep_dir), base_seed)
-    tune.report({k: summary[k] for k in ("objective", "objective_std", "accuracy", "bytes")} |
-                {"decode_ms": summary["decode_ms"] or 0.0, "key": summary["key"]})
+    progress = None
+    if sweep.scheduler == "asha":  # intermediate results for early stopping: mean distill loss per window
+        every, sent = sweep.asha.report_every, [0]
+
+        def progress(run_dir: Path) -> None:
+            losses = distill_losses(run_dir)
+            while len(losses) >= sent[0] + every:
+                window = losses[sent[0]:sent[0] + every]
+                sent[0] += every
+                tune.report({"objective": float("nan"), "neg_distill_loss": -sum(window) / every,
+                             "distill_step": sent[0]})
+
+    summary = run_trial(dict(config), sweep, Path(sweep_dir), base_seed, progress)
+    final = {k: summary[k] for k in ("objective", "objective_std", "accuracy", "bytes")}
+    final |= {"decode_ms": summary["decode_ms"] or 0.0, "key": summary["key"]}
+    if sweep.scheduler == "asha":  # the scheduler wants its metric in every result
+        from refinery.cluster.trial import run_dirs
+
+        losses = distill_losses(run_dirs(Path(sweep_dir), dict(config), 1)[0])[-sweep.asha.report_every:]
+        final |= {"neg_distill_loss": -sum(losses) / max(len(losses), 1), "distill_step": sent[0]}
+    tune.report(final)
 
 
 def _ray_temp(sweep_dir: Path) -> str:
@@ -151,17 +169,35 @@ def run_sweep(path: str, overrides: list[str] = (), address: str | None = None) 
                 tuner = tune.Tuner.restore(os.path.join(storage, "sweep"), trainable=trainable,
                                            resume_errored=True)
             else:
-                tuner = tune.Tuner(trainable, param_space=_space(sweep), tune_config=_tune_config(sweep),
+                tuner = tune.Tuner(trainable, param_space=_space(sweep),
+                                   tune_config=_tune_config(sweep, base.distill.steps),
                                    run_config=tune.RunConfig(name="sweep", storage_path=storage,
                                                              failure_config=tune.FailureConfig(max_failures=1)))
-            tuner.fit()
+            _record_unfinished(tuner.fit(), sweep_dir)
         finally:
             ray.shutdown()
         write_outputs(sweep, sweep_dir)
     return sweep_dir
 
 
-def _tune_config(sweep: SweepConfig):
+def _record_unfinished(grid, sweep_dir: Path) -> None:
+    """`<sweep>/unfinished.json`: configurations stopped early (ASHA) or failed, with their last report."""
+    from refinery.cluster.trial import config_key
+
+    rows = []
+    for r in grid:
+        params = {k: v for k, v in (r.config or {}).items()}
+        key = config_key(params)
+        if (sweep_dir / "results" / f"{key}.json").is_file():
+            continue
+        m = r.metrics or {}
+        rows.append({"key": key, "params": params, "distill_step": m.get("distill_step"),
+                     "distill_loss": -m["neg_distill_loss"] if "neg_distill_loss" in m else None,
+                     "why": f"failed: {r.error}" if r.error else "stopped early by ASHA"})
+    write_json(sweep_dir / "unfinished.json", rows)
+
+
+def _tune_config(sweep: SweepConfig, max_steps: int):
     from ray import tune
 
     search = None
@@ -169,9 +205,20 @@ def _tune_config(sweep: SweepConfig):
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        search = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sweep.seed))
-    return tune.TuneConfig(metric="objective", mode="max", num_samples=sweep.num_samples, search_alg=search,
-                           max_concurrent_trials=sweep.max_concurrent)
+        search = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sweep.seed), metric="objective", mode="max")
+    if sweep.scheduler == "asha":  # its own metric (the distill loss); the searcher keeps the objective
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="distill_step", metric="neg_distill_loss", mode="max",
+                                  grace_period=sweep.asha.grace_steps, reduction_factor=sweep.asha.reduction_factor,
+                                  # past the last report: a trial that survives every rung finishes its chain
+                                  max_t=max_steps + 1, stop_last_trials=False)
+        return tune.TuneConfig(num_samples=sweep.num_samples, search_alg=search, scheduler=scheduler,
+                               max_concurrent_trials=sweep.max_concurrent)
+    if search is None:
+        return tune.TuneConfig(metric="objective", mode="max", num_samples=sweep.num_samples,
+                               max_concurrent_trials=sweep.max_concurrent)
+    return tune.TuneConfig(num_samples=sweep.num_samples, search_alg=search, max_concurrent_trials=sweep.max_concurrent)
 
 
 def main(argv: list[str]) -> int:

@@ -53,6 +53,25 @@ class ObjectiveConfig:
 
 
 @dataclass
+class AshaConfig:
+    """Early stopping (ASHA) on the distill loss while a trial trains (the objective comes only at the end).
+
+    The loss is comparable across trials only when the search space keeps its scale: leave
+    distill.loss.temperature/alpha/divergence out of the space when ASHA is on."""
+
+    grace_steps: int = 20
+    """Distill steps every trial gets before it can be stopped."""
+    reduction_factor: int = 3
+    report_every: int = 10
+    """Distill steps between intermediate reports (mean loss of those steps)."""
+
+    def __post_init__(self):
+        for name in ("grace_steps", "reduction_factor", "report_every"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        check(self.reduction_factor >= 2, "reduction_factor", self.reduction_factor, "an integer >= 2")
+
+
+@dataclass
 class SweepConfig:
     base: str
     """The pipeline YAML every trial starts from (e.g. configs/quickstart.yaml)."""
@@ -72,6 +91,8 @@ class SweepConfig:
     seed: int = 0
     """Searcher seed; replicate k of a configuration trains with seed base.seed + k."""
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    scheduler: Literal["none", "asha"] = "none"
+    asha: AshaConfig = field(default_factory=AshaConfig)
 
     def __post_init__(self):
         check(bool(self.space), "space", self.space, "at least one dotted key to search over")

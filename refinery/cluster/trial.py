@@ -62,7 +62,28 @@ def _ray_address() -> dict:
         return {}
 
 
-def run_replicate(sweep, sweep_dir: Path, params: dict, k: int, base_seed: int) -> dict:
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM (and so checkpoint) if the trial process that started us dies."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def distill_losses(run_dir: Path) -> list[float]:
+    """Losses of the distill steps done so far (a torn last line from a live writer is skipped)."""
+    out = []
+    path = run_dir / "distill" / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line)["loss"])
+            except (json.JSONDecodeError, KeyError):
+                break
+    return out
+
+
+def run_replicate(sweep, sweep_dir: Path, params: dict, k: int, base_seed: int, on_progress=None) -> dict:
+    """One replicate's chain; `on_progress(run_dir)` is called every few seconds while it runs."""
     run_dir = run_dirs(sweep_dir, params, k + 1)[k]
     run_dir.mkdir(parents=True, exist_ok=True)
     gen = run_dir / "generate"
@@ -75,10 +96,17 @@ def run_replicate(sweep, sweep_dir: Path, params: dict, k: int, base_seed: int) 
     env.update(_ray_address())  # distill.parallel.launcher=ray: the TorchTrainer joins the sweep's cluster
     t0 = time.time()
     with (run_dir / "trial.log").open("a") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+                                preexec_fn=_die_with_parent)
         (run_dir / LOCK).write_text(str(proc.pid))
         try:
-            code = proc.wait()
+            while True:
+                try:
+                    code = proc.wait(timeout=2)
+                    break
+                except subprocess.TimeoutExpired:
+                    if on_progress:
+                        on_progress(run_dir)
         except BaseException:  # Tune stopping the trial: let the chain checkpoint, then go
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
@@ -91,7 +119,7 @@ def run_replicate(sweep, sweep_dir: Path, params: dict, k: int, base_seed: int) 
     return {**_read_objective(run_dir, sweep.objective), "wall_s": round(time.time() - t0, 1)}
 
 
-def run_trial(params: dict, sweep, sweep_dir: Path, base_seed: int) -> dict:
+def run_trial(params: dict, sweep, sweep_dir: Path, base_seed: int, on_progress=None) -> dict:
     """All replicates of one configuration; writes `<sweep>/results/<key>.json`; returns the summary.
 
     A configuration already summarized is returned as it is: Tune may run a trial again after a
@@ -100,7 +128,8 @@ def run_trial(params: dict, sweep, sweep_dir: Path, base_seed: int) -> dict:
     done = sweep_dir / "results" / f"{config_key(params)}.json"
     if done.is_file():
         return json.loads(done.read_text())
-    reps = [run_replicate(sweep, sweep_dir, params, k, base_seed) for k in range(sweep.replicates)]
+    reps = [run_replicate(sweep, sweep_dir, params, k, base_seed, on_progress if k == 0 else None)
+            for k in range(sweep.replicates)]
     scores = [r["objective"] for r in reps]
     summary = {"key": config_key(params), "params": params, "objective": statistics.mean(scores),
                "objective_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,

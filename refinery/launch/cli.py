@@ -5,6 +5,7 @@
     refinery distill CONFIG --nproc 2 [distill.parallel.strategy=fsdp2]   # torchrun, N processes
     refinery check CONFIG [overrides]        # validate only, print the resolved config
     refinery sweep SWEEP.yaml [--address auto] | refinery sweep status SWEEP_DIR
+    refinery cluster slurm SWEEP.yaml [--nodes N --time T] [--dry-run]   # sbatch: Ray + sweep driver, requeue
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="refinery", description="Distill, quantize and evaluate a small student LLM.")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("sweep", help="Bayesian hyperparameter sweep (refinery sweep SWEEP.yaml | status DIR)")
+    sub.add_parser("cluster", help="run a sweep on a cluster (refinery cluster slurm SWEEP.yaml [--nodes N ...] "
+                                   "[--dry-run])")
     for name, help_ in [("run", "all stages, skipping those already complete"),
                         ("check", "validate a config and print it resolved"),
                         *[(s, f"only the {s} stage (needs the previous stages' outputs)") for s in STAGE_CMDS]]:
@@ -44,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         from refinery.cluster.sweep import main as sweep_main
 
         return sweep_main(argv[1:])
+    if argv[:2] == ["cluster", "slurm"]:  # its own parser
+        from refinery.cluster.slurm import main as slurm_main
+
+        return slurm_main(argv[2:])
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may also follow the options
     bad = [e for e in extra if e.startswith("-") or "=" not in e]
