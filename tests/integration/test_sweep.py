@@ -112,3 +112,25 @@ def test_sweep_trials_train_with_ray_train_torchtrainer(tmp_path, tiny_teacher, 
         log = (run / "trial.log").read_text()
         assert "Ray Train TorchTrainer with 2 workers" in log and "on cpu x 2 (ddp)" in log
         assert json.loads((run / "distill" / "manifest.json").read_text())["metrics"]["world_size"] == 2
+
+
+def test_asha_stops_a_trial_whose_distill_loss_lags(tmp_path, tiny_teacher, tiny_student, write_train_data):
+    """Seeded TPE proposes lr 0.02 then 1e-6: at the first rung the 1e-6 trial's loss is far behind, so
+    ASHA stops it before quantize/evaluate; the good one finishes and is the best config."""
+    cfg, sweep_dir = _files(tmp_path, tiny_teacher, tiny_student, write_train_data)
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["distill"]["steps"] = 12
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = yaml.safe_load(cfg.read_text())
+    sweep.update(num_samples=3, scheduler="asha", asha={"grace_steps": 4, "reduction_factor": 2, "report_every": 2},
+                 space={"distill.optim.lr": {"type": "choice", "values": [0.000001, 0.02]}})
+    cfg.write_text(yaml.safe_dump(sweep))
+    proc = _sweep(cfg, tmp_path / "sweep.log")
+    assert proc.wait(timeout=1200) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    finished = [json.loads(p.read_text()) for p in (sweep_dir / "results").glob("*.json")]
+    assert [r["params"]["distill.optim.lr"] for r in finished] == [0.02]
+    stopped = json.loads((sweep_dir / "unfinished.json").read_text())
+    assert [(r["params"]["distill.optim.lr"], r["why"], r["distill_step"]) for r in stopped] == \
+        [(0.000001, "stopped early by ASHA", 4)]
+    assert not (sweep_dir / "runs" / f"{stopped[0]['key']}-r0" / "evaluate" / "manifest.json").exists()
+    assert yaml.safe_load((sweep_dir / "best.yaml").read_text())["distill"]["optim"]["lr"] == 0.02
