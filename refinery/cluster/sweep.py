@@ -201,11 +201,18 @@ def _tune_config(sweep: SweepConfig, max_steps: int):
     from ray import tune
 
     search = None
-    if sweep.searcher == "optuna":
+    if sweep.searcher in ("optuna", "gp"):
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        search = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sweep.seed), metric="objective", mode="max")
+        if sweep.searcher == "gp":
+            try:
+                sampler = optuna.samplers.GPSampler(seed=sweep.seed)
+            except ImportError as e:
+                raise ConfigError(f"searcher: gp needs {e.name} (pip install scipy), or use searcher: optuna") from e
+        else:
+            sampler = optuna.samplers.TPESampler(seed=sweep.seed)
+        search = OptunaSearch(sampler=sampler, metric="objective", mode="max")
     if sweep.scheduler == "asha":  # its own metric (the distill loss); the searcher keeps the objective
         from ray.tune.schedulers import ASHAScheduler
 

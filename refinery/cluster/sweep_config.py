@@ -82,8 +82,9 @@ class SweepConfig:
     num_samples: int = 6
     """Configurations tried (each run `replicates` times)."""
     replicates: int = 1
-    searcher: Literal["optuna", "random"] = "optuna"
-    """optuna: Optuna's TPE (Bayesian) through Ray Tune's OptunaSearch; random: Tune's random search."""
+    searcher: Literal["optuna", "gp", "random"] = "optuna"
+    """optuna: Optuna's TPE (Bayesian) through Ray Tune's OptunaSearch; gp: Optuna's Gaussian-process
+    sampler (needs scipy) through the same; random: Tune's random search."""
     max_concurrent: int = 1
     """Trials at once; each takes `cpus_per_trial` CPUs (and `gpus_per_trial` GPUs) from Ray."""
     cpus_per_trial: int = 2
