@@ -173,11 +173,39 @@ def run_sweep(path: str, overrides: list[str] = (), address: str | None = None) 
                                    tune_config=_tune_config(sweep, base.distill.steps),
                                    run_config=tune.RunConfig(name="sweep", storage_path=storage,
                                                              failure_config=tune.FailureConfig(max_failures=1)))
-            _record_unfinished(tuner.fit(), sweep_dir)
+            with _graceful_stop() as stopped:
+                grid = tuner.fit()
+            _record_unfinished(grid, sweep_dir)
         finally:
             ray.shutdown()
         write_outputs(sweep, sweep_dir)
+        if stopped:
+            from refinery.train.preempt import Preempted
+
+            raise Preempted(-1, stopped[0])
     return sweep_dir
+
+
+@contextmanager
+def _graceful_stop():
+    """SIGTERM/SIGUSR1 (Slurm preemption, requeue) -> SIGINT, which Tune handles by stopping the trials
+    (their chains get SIGTERM and checkpoint) and saving the experiment for `Tuner.restore`."""
+    import signal
+
+    from refinery.train.preempt import SIGNALS
+
+    got: list[int] = []
+
+    def handle(signum, frame):
+        got.append(signum)
+        signal.raise_signal(signal.SIGINT)
+
+    old = {s: signal.signal(s, handle) for s in SIGNALS}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def _record_unfinished(grid, sweep_dir: Path) -> None:
@@ -241,11 +269,16 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--address", default=None, help="an existing Ray cluster (e.g. auto); default: local Ray")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    from refinery.train.preempt import Preempted
+
     try:
         out = run_sweep(args.config, args.overrides, args.address)
     except ConfigError as e:
         print(f"refinery sweep: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"refinery sweep: {e}", file=sys.stderr)
+        return 128 + e.signum
     print(f"\nsweep done: {out}/results.csv, {out}/best.yaml")
     return 0
 

@@ -147,3 +147,34 @@ def test_gp_searcher(tmp_path, tiny_teacher, tiny_student, write_train_data):
     results = [json.loads(p.read_text()) for p in (sweep_dir / "results").glob("*.json")]
     assert len({r["params"]["distill.optim.lr"] for r in results}) == 2  # two distinct proposals, both run
     assert json.loads((sweep_dir / "sweep.json").read_text())["searcher"] == "gp"
+
+
+def test_sigterm_stops_the_sweep_cleanly_and_the_rerun_finishes(tmp_path, tiny_teacher, tiny_student,
+                                                               write_train_data):
+    """What Slurm sends on requeue: the driver stops its trials (they checkpoint), exits 143; rerun resumes."""
+    cfg, sweep_dir = _files(tmp_path, tiny_teacher, tiny_student, write_train_data)
+    sweep = yaml.safe_load(cfg.read_text())
+    sweep["num_samples"] = 2
+    cfg.write_text(yaml.safe_dump(sweep))
+    proc = _sweep(cfg, tmp_path / "first.log")
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        losses = list((sweep_dir / "runs").glob("*/distill/metrics.jsonl")) if (sweep_dir / "runs").is_dir() else []
+        if losses and len(read_jsonl(losses[0])) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM, (tmp_path / "first.log").read_text()[-3000:]
+    assert "rerun the same command to resume" in (tmp_path / "first.log").read_text()
+    run = next((sweep_dir / "runs").iterdir())
+    pid = (run / ".trial.pid").read_text() if (run / ".trial.pid").exists() else None
+    for _ in range(50):  # the chain got SIGTERM with its trial (PDEATHSIG) and is gone
+        if not pid or not Path(f"/proc/{pid}").exists():
+            break
+        time.sleep(0.2)
+    assert not pid or not Path(f"/proc/{pid}").exists(), "the trial's chain was left running"
+    proc = _sweep(cfg, tmp_path / "second.log")
+    assert proc.wait(timeout=1200) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    assert len(list((sweep_dir / "results").glob("*.json"))) == 2
+    for run in (sweep_dir / "runs").iterdir():
+        assert [r["step"] for r in read_jsonl(run / "distill" / "metrics.jsonl")] == list(range(1, 7))
