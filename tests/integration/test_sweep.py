@@ -97,17 +97,20 @@ def _cmd(d: Path) -> bytes:
 
 
 def test_sweep_trials_train_with_ray_train_torchtrainer(tmp_path, tiny_teacher, tiny_student, write_train_data):
-    """distill.parallel.launcher=ray: each trial's distill is a 2-worker TorchTrainer on the sweep's Ray."""
+    """distill.parallel.launcher=ray: each trial's distill is a 2-worker TorchTrainer on the sweep's Ray
+    (and the sweep uses the GP searcher: Optuna's GPSampler)."""
     cfg, sweep_dir = _files(tmp_path, tiny_teacher, tiny_student, write_train_data)
     base = yaml.safe_load((tmp_path / "base.yaml").read_text())
     base["distill"]["parallel"] = {"strategy": "ddp", "nproc": 2, "launcher": "ray"}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     sweep = yaml.safe_load(cfg.read_text())
-    sweep["num_samples"] = 2
+    sweep.update(num_samples=2, searcher="gp")
     cfg.write_text(yaml.safe_dump(sweep))
     proc = _sweep(cfg, tmp_path / "sweep.log")
     assert proc.wait(timeout=1200) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
-    assert len(list((sweep_dir / "results").glob("*.json"))) == 2
+    results = [json.loads(p.read_text()) for p in (sweep_dir / "results").glob("*.json")]
+    assert len({r["params"]["distill.optim.lr"] for r in results}) == 2  # two distinct proposals, both run
+    assert json.loads((sweep_dir / "sweep.json").read_text())["searcher"] == "gp"
     for run in (sweep_dir / "runs").iterdir():
         log = (run / "trial.log").read_text()
         assert "Ray Train TorchTrainer with 2 workers" in log and "on cpu x 2 (ddp)" in log
@@ -134,19 +137,6 @@ def test_asha_stops_a_trial_whose_distill_loss_lags(tmp_path, tiny_teacher, tiny
         [(0.000001, "stopped early by ASHA", 4)]
     assert not (sweep_dir / "runs" / f"{stopped[0]['key']}-r0" / "evaluate" / "manifest.json").exists()
     assert yaml.safe_load((sweep_dir / "best.yaml").read_text())["distill"]["optim"]["lr"] == 0.02
-
-
-def test_gp_searcher(tmp_path, tiny_teacher, tiny_student, write_train_data):
-    """searcher: gp (Optuna's Gaussian-process sampler) runs the same sweep."""
-    cfg, sweep_dir = _files(tmp_path, tiny_teacher, tiny_student, write_train_data)
-    sweep = yaml.safe_load(cfg.read_text())
-    sweep.update(num_samples=2, searcher="gp")
-    cfg.write_text(yaml.safe_dump(sweep))
-    proc = _sweep(cfg, tmp_path / "sweep.log")
-    assert proc.wait(timeout=1200) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
-    results = [json.loads(p.read_text()) for p in (sweep_dir / "results").glob("*.json")]
-    assert len({r["params"]["distill.optim.lr"] for r in results}) == 2  # two distinct proposals, both run
-    assert json.loads((sweep_dir / "sweep.json").read_text())["searcher"] == "gp"
 
 
 def test_sigterm_stops_the_sweep_cleanly_and_the_rerun_finishes(tmp_path, tiny_teacher, tiny_student,
