@@ -104,6 +104,9 @@ def test_stage_writes_shards_and_index(cached):
     assert t["values"].dtype == torch.float16 and t["indices"].dtype == torch.int32
     assert (t["values"][:, 0] == 0).all() and (t["values"][:, 1:] <= t["values"][:, :-1]).all()
     assert t["offsets"].tolist()[-1] == t["values"].shape[0] == index["shards"][0]["positions"]
+    # the mean tail mass reported is the mean of the stored tails (over all shards)
+    tails = torch.cat([load_file(out / n)["log_tail"] for n in names]).double().exp()
+    assert 0 < m["mean_tail_mass"] < 1 and m["mean_tail_mass"] == pytest.approx(tails.mean().item(), abs=1e-4)
 
 
 def test_cache_matches_the_live_teacher(cached, tiny_teacher):
