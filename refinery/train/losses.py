@@ -116,9 +116,7 @@ class _FusedForwardKL(torch.autograd.Function):
             if grad is not None:
                 g = (log_q.exp_() - p).mul_(alpha * temperature)
                 if alpha < 1:
-                    soft = (sf - lse[:, None]).exp_()
-                    soft.scatter_add_(1, lab[:, None], torch.full_like(lse[:, None], -1.0))
-                    g.add_(soft, alpha=1 - alpha)
+                    add_ce_grad_(g, sf, lse, lab, 1 - alpha)
                 grad[i:i + block] = g
         per_row = alpha * temperature ** 2 * kd + (1 - alpha) * ce
         ctx.save_for_backward(grad, rows)
@@ -128,7 +126,19 @@ class _FusedForwardKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_row, _g_kd, _g_ce):
-        grad, rows = ctx.saved_tensors
-        full = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device)
-        full.index_copy_(0, rows, grad * g_row[:, None].to(grad.dtype))
-        return full, None, None, None, None, None
+        return rows_grad(ctx, g_row), None, None, None, None, None
+
+
+def add_ce_grad_(g: Tensor, logits: Tensor, lse: Tensor, labels: Tensor, weight: float) -> None:
+    """g += weight * d CE / d logits = weight * (softmax(logits) - onehot(labels)), in place."""
+    soft = (logits - lse[:, None]).exp_()
+    soft.scatter_add_(1, labels[:, None], torch.full_like(lse[:, None], -1.0))
+    g.add_(soft, alpha=weight)
+
+
+def rows_grad(ctx, g_row: Tensor) -> Tensor:
+    """Backward of the fused per-row losses: the saved per-row gradients, scaled, put back in place."""
+    grad, rows = ctx.saved_tensors
+    full = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device)
+    full.index_copy_(0, rows, grad * g_row[:, None].to(grad.dtype))
+    return full

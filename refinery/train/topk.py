@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from refinery.core.config import ConfigError
-from refinery.train.losses import KDLoss, token_divergence
+from refinery.train.losses import KDLoss, add_ce_grad_, rows_grad, token_divergence
 from refinery.train.teacher_logits import FORMAT, INDEX, ids_hash
 
 log = logging.getLogger("refinery.train")
@@ -164,9 +164,7 @@ class _FusedTopkForwardKL(torch.autograd.Function):
                 g.scatter_(1, idx, s_cls[:, :k].exp() - p[:, :k])
                 g.mul_(alpha * temperature)
                 if alpha < 1:
-                    soft = (sf - lse[:, None]).exp_()
-                    soft.scatter_add_(1, lab[:, None], torch.full_like(lse[:, None], -1.0))
-                    g.add_(soft, alpha=1 - alpha)
+                    add_ce_grad_(g, sf, lse, lab, 1 - alpha)
                 grad[i:i + block] = g
         per_row = alpha * temperature ** 2 * kd + (1 - alpha) * ce
         ctx.save_for_backward(grad, rows)
@@ -176,10 +174,7 @@ class _FusedTopkForwardKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_row, _g_kd, _g_ce):
-        grad, rows = ctx.saved_tensors
-        full = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device)
-        full.index_copy_(0, rows, grad * g_row[:, None].to(grad.dtype))
-        return full, None, None, None, None, None, None, None, None
+        return rows_grad(ctx, g_row), None, None, None, None, None, None, None, None
 
 
 class TopkTeacher:
