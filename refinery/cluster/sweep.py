@@ -192,7 +192,7 @@ def _graceful_stop():
     (their chains get SIGTERM and checkpoint) and saving the experiment for `Tuner.restore`."""
     import signal
 
-    from refinery.train.preempt import SIGNALS
+    from refinery.train.preempt import on_signals
 
     got: list[int] = []
 
@@ -200,12 +200,8 @@ def _graceful_stop():
         got.append(signum)
         signal.raise_signal(signal.SIGINT)
 
-    old = {s: signal.signal(s, handle) for s in SIGNALS}
-    try:
+    with on_signals(handle):
         yield got
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def _record_unfinished(grid, sweep_dir: Path) -> None:

@@ -164,7 +164,7 @@ def _run_forwarding_signals(cmd: list[str], env: dict) -> tuple[int, int | None]
     the workers, which checkpoint and stop). Returns (exit code, the signal received or None)."""
     import signal
 
-    from refinery.train.preempt import SIGNALS
+    from refinery.train.preempt import on_signals
 
     proc = subprocess.Popen(cmd, env=env)
     got: list[int] = []
@@ -173,10 +173,6 @@ def _run_forwarding_signals(cmd: list[str], env: dict) -> tuple[int, int | None]
         got.append(signum)
         proc.send_signal(signal.SIGTERM)
 
-    old = {s: signal.signal(s, forward) for s in SIGNALS}
-    try:
+    with on_signals(forward):
         code = proc.wait()
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
     return code, (got[0] if got else None)

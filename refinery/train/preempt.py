@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from contextlib import contextmanager
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -28,16 +29,27 @@ class StopFlag:
 
     def __init__(self):
         self.signum: int | None = None
-        self._old: dict = {}
 
     def _handle(self, signum, frame):
         self.signum = signum
 
     def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self._old = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        self._ctx = on_signals(self._handle) if threading.current_thread() is threading.main_thread() else None
+        if self._ctx is not None:  # signal handlers live in the main thread
+            self._ctx.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+@contextmanager
+def on_signals(handler):
+    """While inside: SIGTERM and SIGUSR1 call `handler(signum, frame)` (main thread only); restored after."""
+    old = {s: signal.signal(s, handler) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
