@@ -131,7 +131,7 @@ def wrap_student(model: torch.nn.Module, world: World) -> torch.nn.Module:
     return model
 
 
-def launch(run_dir: Path, payload: dict, nproc: int, out: Path) -> dict:
+def launch(payload: dict, nproc: int, out: Path) -> dict:
     """Run the distill workers under torchrun and return rank 0's result (raises if any rank failed)."""
     from refinery.core.manifest import write_json
 

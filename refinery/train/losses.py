@@ -118,11 +118,7 @@ class _FusedForwardKL(torch.autograd.Function):
                 if alpha < 1:
                     add_ce_grad_(g, sf, lse, lab, 1 - alpha)
                 grad[i:i + block] = g
-        per_row = alpha * temperature ** 2 * kd + (1 - alpha) * ce
-        ctx.save_for_backward(grad, rows)
-        ctx.shape = s.shape
-        ctx.mark_non_differentiable(kd, ce)
-        return per_row, kd, ce
+        return rows_out(ctx, s.shape, kd, ce, grad, rows, alpha, temperature)
 
     @staticmethod
     def backward(ctx, g_row, _g_kd, _g_ce):
@@ -134,6 +130,14 @@ def add_ce_grad_(g: Tensor, logits: Tensor, lse: Tensor, labels: Tensor, weight:
     soft = (logits - lse[:, None]).exp_()
     soft.scatter_add_(1, labels[:, None], torch.full_like(lse[:, None], -1.0))
     g.add_(soft, alpha=weight)
+
+
+def rows_out(ctx, shape, kd: Tensor, ce: Tensor, grad: Tensor, rows: Tensor, alpha: float, temperature: float):
+    """End of a fused per-row KD forward: (per-row loss, kd, ce), with what `rows_grad` needs saved."""
+    ctx.save_for_backward(grad, rows)
+    ctx.shape = shape
+    ctx.mark_non_differentiable(kd, ce)
+    return alpha * temperature ** 2 * kd + (1 - alpha) * ce, kd, ce
 
 
 def rows_grad(ctx, g_row: Tensor) -> Tensor:

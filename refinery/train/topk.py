@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from refinery.core.config import ConfigError
-from refinery.train.losses import KDLoss, add_ce_grad_, rows_grad, token_divergence
+from refinery.train.losses import KDLoss, add_ce_grad_, rows_grad, rows_out, token_divergence
 from refinery.train.teacher_logits import FORMAT, INDEX, ids_hash
 
 log = logging.getLogger("refinery.train")
@@ -166,11 +166,7 @@ class _FusedTopkForwardKL(torch.autograd.Function):
                 if alpha < 1:
                     add_ce_grad_(g, sf, lse, lab, 1 - alpha)
                 grad[i:i + block] = g
-        per_row = alpha * temperature ** 2 * kd + (1 - alpha) * ce
-        ctx.save_for_backward(grad, rows)
-        ctx.shape = s.shape
-        ctx.mark_non_differentiable(kd, ce)
-        return per_row, kd, ce
+        return rows_out(ctx, s.shape, kd, ce, grad, rows, alpha, temperature)
 
     @staticmethod
     def backward(ctx, g_row, _g_kd, _g_ce):

@@ -257,7 +257,7 @@ def run(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) -> R
 
         got = launch_ray(payload, cfg.parallel, ctx.stage_dir("distill"))
     else:
-        got = dist.launch(ctx.run_dir, payload, cfg.parallel.nproc, ctx.stage_dir("distill"))
+        got = dist.launch(payload, cfg.parallel.nproc, ctx.stage_dir("distill"))
     return Result(got["metrics"], got["outputs"])
 
 

@@ -73,10 +73,8 @@ def test_sweep_survives_kill_9_of_the_driver(tmp_path, tiny_teacher, tiny_studen
     table = (sweep_dir / "results.csv").read_text().splitlines()
     assert len(table) == 4 and table[0].startswith("order,key,distill.optim.lr,quantize.group_size,objective")
     best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
-    scores = [json.loads(p.read_text())["objective"] for p in results]
     assert best["distill"]["optim"]["lr"] in [json.loads(p.read_text())["params"]["distill.optim.lr"]
                                               for p in results]
-    assert max(scores) >= min(scores)
     assert (sweep_dir / "plots" / "objective.png").stat().st_size > 0
     status = subprocess.run([sys.executable, "-m", "refinery.launch.cli", "sweep", "status", str(sweep_dir)],
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
