@@ -6,6 +6,8 @@
     refinery check CONFIG [overrides]        # validate only, print the resolved config
     refinery sweep SWEEP.yaml [--address auto] | refinery sweep status SWEEP_DIR
     refinery cluster slurm SWEEP.yaml [--nodes N --time T] [--dry-run]   # sbatch: Ray + sweep driver, requeue
+    refinery quantize CONFIG --checkpoints P [P ...] | --sweep DIR --out DIR   # many checkpoints, one job
+    refinery evaluate CONFIG --models P [P ...] --out DIR      # vLLM evaluation workers, many models
 """
 from __future__ import annotations
 
@@ -51,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         from refinery.cluster.slurm import main as slurm_main
 
         return slurm_main(argv[2:])
+    if argv[:1] == ["quantize"] and ({"--checkpoints", "--sweep"} & set(argv)):  # batched: its own parser
+        from refinery.quantize.batch import main as batch_quantize_main
+
+        return batch_quantize_main(argv[1:])
+    if argv[:1] == ["evaluate"] and "--models" in argv:  # evaluation workers: its own parser
+        from refinery.evals.batch import main as batch_evaluate_main
+
+        return batch_evaluate_main(argv[1:])
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may also follow the options
     bad = [e for e in extra if e.startswith("-") or "=" not in e]
