@@ -7,6 +7,7 @@ and continues; generate is shared by the whole sweep (a symlink to `<sweep>/shar
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -123,11 +124,24 @@ def run_trial(params: dict, sweep, sweep_dir: Path, base_seed: int, on_progress=
     """All replicates of one configuration; writes `<sweep>/results/<key>.json`; returns the summary.
 
     A configuration already summarized is returned as it is: Tune may run a trial again after a
-    driver crash when its experiment state was saved before the trial finished.
+    driver crash when its experiment state was saved before the trial finished, and a searcher may
+    propose a configuration twice (choice-only spaces). Two trials of one configuration at once
+    would share its run dirs: the second waits on the first's lock (`<sweep>/locks/<key>.lock`, flock:
+    shared file systems must support it) and then returns its summary.
     """
     done = sweep_dir / "results" / f"{config_key(params)}.json"
     if done.is_file():
         return json.loads(done.read_text())
+    (sweep_dir / "locks").mkdir(parents=True, exist_ok=True)
+    with (sweep_dir / "locks" / f"{config_key(params)}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
+        if done.is_file():
+            return json.loads(done.read_text())
+        return _run_replicates(params, sweep, sweep_dir, base_seed, on_progress)
+
+
+def _run_replicates(params: dict, sweep, sweep_dir: Path, base_seed: int, on_progress) -> dict:
+    done = sweep_dir / "results" / f"{config_key(params)}.json"
     reps = [run_replicate(sweep, sweep_dir, params, k, base_seed, on_progress if k == 0 else None)
             for k in range(sweep.replicates)]
     scores = [r["objective"] for r in reps]
@@ -137,7 +151,7 @@ def run_trial(params: dict, sweep, sweep_dir: Path, base_seed: int, on_progress=
                "bytes": statistics.mean(r["bytes"] for r in reps),
                "decode_ms": statistics.mean(r["decode_ms"] for r in reps) if all(r["decode_ms"] for r in reps)
                else None, "replicates": reps, "finished": time.time()}
-    write_json(sweep_dir / "results" / f"{summary['key']}.json", summary)
+    write_json(done, summary)
     return summary
 
 

@@ -40,3 +40,31 @@ def test_pareto_front():
             {"key": "c", "accuracy": 0.4, "bytes": 150, "decode_ms": 12},   # beaten by a on all three
             {"key": "d", "accuracy": 0.5, "bytes": 100, "decode_ms": 9}]    # beats a
     assert pareto(rows) == {"b", "d"}
+
+
+def test_second_trial_of_a_configuration_waits_and_reuses_the_first(tmp_path):
+    """Two trials with one configuration (a repeated proposal) must not share run dirs at once: the
+    second blocks on the first's lock and returns the summary the first wrote, running nothing."""
+    import fcntl
+    import json
+    import threading
+
+    from refinery.cluster.trial import config_key, run_trial
+
+    params = {"distill.optim.lr": 0.01}
+    sweep = load_sweep(_write(tmp_path))
+    sweep_dir = tmp_path / "s"
+    (sweep_dir / "locks").mkdir(parents=True)
+    got = []
+    with (sweep_dir / "locks" / f"{config_key(params)}.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the first trial, running
+        t = threading.Thread(target=lambda: got.append(run_trial(params, sweep, sweep_dir, base_seed=0)))
+        t.start()
+        t.join(timeout=1.0)
+        assert t.is_alive() and not got  # waiting, not running a chain beside the first
+        (sweep_dir / "results").mkdir()
+        summary = {"key": config_key(params), "params": params, "objective": 0.42}
+        (sweep_dir / "results" / f"{config_key(params)}.json").write_text(json.dumps(summary))
+    t.join(timeout=10)
+    assert got == [summary]
+    assert not (sweep_dir / "runs").exists()  # no run dir of its own
