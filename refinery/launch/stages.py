@@ -58,7 +58,12 @@ def stage_identity(cfg, stage: Stage) -> tuple[dict, str]:
         tasks = to_dict(cfg.tasks)
         keys = TASK_KEYS[stage.name]
         resolved["tasks"] = tasks if keys is None else {k: tasks[k] for k in keys}
-    hashed = {**resolved, stage.section: {k: v for k, v in section.items() if k != "parallel"}}
+    kept = {k: v for k, v in section.items() if k != "parallel"}
+    if stage.section == "distill":  # distill.qat enters the hash only when enabled (old runs keep theirs)
+        from refinery.train.config import hashed as distill_hashed
+
+        kept = distill_hashed(kept)
+    hashed = {**resolved, stage.section: kept}
     return resolved, config_hash(hashed)
 
 

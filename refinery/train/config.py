@@ -121,6 +121,36 @@ class TeacherLogitsConfig:
         check(self.temperature > 0, "temperature", self.temperature, "a number > 0")
 
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The decoder's linear layers by type (what GPTQ quantizes in a Llama-style model)."""
+
+
+@dataclass
+class QatConfig:
+    """KD-QAT (arXiv 2403.18159): the student's decoder linear weights (W + LoRA) are fake-quantized on
+    the grid the export writes, gradients pass straight through; the teacher stays float."""
+
+    enabled: bool = False
+    bits: int = 4
+    """Weight bits of the training grid (2-8); the GPTQ export (quantize.method=qat_rtn) packs 2, 4 or 8."""
+    group_size: int = 64
+    """Input columns per scale/zero (-1 = one group per output row); must divide every layer's input width."""
+    symmetric: bool = True
+    """Zero fixed at 2^(bits-1) (what vLLM's GPTQ kernels take); false = per-group min/max zero point."""
+    freeze: list[str] = field(default_factory=list)
+    """Projections trained not at all (no LoRA on them; their weights are still quantized).
+    ov-freeze = [o_proj, v_proj]."""
+    diag_every: int = 10
+    """Record per-layer quantization error and per-projection gradient norms every this many steps (0 = off)."""
+
+    def __post_init__(self):
+        check(2 <= self.bits <= 8, "bits", self.bits, "an integer in 2..8")
+        check(self.group_size == -1 or self.group_size >= 8, "group_size", self.group_size, "-1 or an integer >= 8")
+        bad = [p for p in self.freeze if p not in PROJECTIONS]
+        check(not bad, "freeze", self.freeze, f"names among {', '.join(PROJECTIONS)} (ov-freeze: [o_proj, v_proj])")
+        check(self.diag_every >= 0, "diag_every", self.diag_every, "an integer >= 0 (0 = off)")
+
+
 @dataclass
 class DistillConfig:
     """Training of the LoRA student from the teacher's temperature-softened logits."""
@@ -147,7 +177,27 @@ class DistillConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    qat: QatConfig = field(default_factory=QatConfig)
+    """Quantization-aware training (off by default; see refinery/train/qat.py and docs/qat.md)."""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "max_seq_len", "checkpoint_every", "keep_checkpoints"):
             check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        if self.qat.enabled:
+            check(self.lora.dropout == 0, "lora.dropout", self.lora.dropout,
+                  "0 with qat.enabled (the LoRA update is quantized together with W, so x cannot be dropped "
+                  "on the LoRA path alone)")
+            left = [t for t in self.lora.targets if t not in self.qat.freeze]
+            check(bool(left), "qat.freeze", self.qat.freeze, f"fewer projections than lora.targets {self.lora.targets} "
+                  "(nothing would train)")
+            check(not (self.parallel.strategy == "deepspeed" and self.parallel.zero_stage == 3), "qat.enabled",
+                  True, "false under parallel.strategy=deepspeed with zero_stage=3 (ZeRO-3 gathers a layer's weights "
+                  "only for its own forward, which QAT replaces); use zero_stage 2, ddp or fsdp2")
+
+
+def hashed(section: dict) -> dict:
+    """The distill section as it enters stage and resume hashes: `qat` only when enabled, so runs
+    made before QAT existed keep their hashes (and a QAT run hashes differently from a plain one)."""
+    if not section.get("qat", {}).get("enabled"):
+        section = {k: v for k, v in section.items() if k != "qat"}
+    return section

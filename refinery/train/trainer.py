@@ -32,7 +32,7 @@ from refinery.core.models import resolve_models
 from refinery.core.stage import Context, Result
 from refinery.train import checkpoint as ckpt
 from refinery.train import dist
-from refinery.train.config import DistillConfig
+from refinery.train.config import DistillConfig, hashed
 from refinery.train.data import collate, load_rows, sample_indices, tokenize_rows
 from refinery.train.dist import World
 from refinery.train.muon import build_optimizer, build_scheduler
@@ -62,6 +62,8 @@ class Setup:
     world: World
     engine: object = None
     """The DeepSpeed engine (strategy deepspeed): it owns backward, clipping, the step and the schedule."""
+    qat: object = None
+    """qat.QatState when distill.qat is enabled: the fake-quantized layers and their diagnostics."""
 
 
 def load_models(ctx: Context, cfg: DistillConfig, dev: torch.device, with_teacher: bool = True):
@@ -90,8 +92,11 @@ def load_models(ctx: Context, cfg: DistillConfig, dev: torch.device, with_teache
                              f"{s_vocab}: logit distillation needs the same tokenizer (pick a student of the "
                              "teacher's family, or leave models.student.path empty to derive one)")
     torch.manual_seed(ctx.seed)  # LoRA A init
+    targets = list(cfg.lora.targets)
+    if cfg.qat.enabled:  # frozen projections (ov-freeze) train nothing: no LoRA on them
+        targets = [t for t in targets if t not in cfg.qat.freeze]
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=list(cfg.lora.targets), task_type="CAUSAL_LM")
+                      target_modules=targets, task_type="CAUSAL_LM")
     try:
         student = get_peft_model(base, lora)
     except ValueError as e:
@@ -114,6 +119,11 @@ def setup(ctx: Context, cfg: DistillConfig) -> Setup:
     cut = sum(len(s) == cfg.max_seq_len for s in seqs)
     if cut:
         log.info("%d of %d examples cut to distill.max_seq_len=%d tokens", cut, len(seqs), cfg.max_seq_len)
+    qat_state = None
+    if cfg.qat.enabled:  # before any wrapping: DDP/FSDP2 then call the fake-quant forwards
+        from refinery.train.qat import attach
+
+        qat_state = attach(model, cfg.qat)
     if teacher_model is not None and world.strategy == "fsdp2":
         dist.shard(teacher_model, world)  # frozen weights sharded too: forward only, same ranks
     engine = None
@@ -130,7 +140,7 @@ def setup(ctx: Context, cfg: DistillConfig) -> Setup:
     # layout does not (N ranks take the single-process step): a checkpoint from another world size
     # is then refused by name in load_checkpoint rather than deleted as stale.
     skip = ("checkpoint_every", "keep_checkpoints", "parallel")
-    shaping = {k: v for k, v in to_dict(cfg).items() if k not in skip}
+    shaping = hashed({k: v for k, v in to_dict(cfg).items() if k not in skip})
     ident = {"distill": shaping, "seed": ctx.seed, "models": list(paths), "data": file_hash(data)}
     if topk:
         ident["teacher_logits"] = manifest_hash(ctx.stage_dir("teacher-logits"))
@@ -144,7 +154,7 @@ def setup(ctx: Context, cfg: DistillConfig) -> Setup:
     else:
         teacher = Teacher(teacher_model, seqs, tok.pad_token_id, dev, cache=cfg.teacher_cache)
     return Setup(student, model, teacher, optimizer, scheduler, seqs, tok.pad_token_id, dev, key, trainable, world,
-                 engine)
+                 engine, qat_state)
 
 
 def train_step(s: Setup, cfg: DistillConfig, step: int, seed: int) -> dict:
@@ -221,6 +231,9 @@ def _resume(s: Setup, cfg: DistillConfig, out: Path) -> int:
         log.info("distill: resumed from %s (step %d of %d)", latest[0], start, cfg.steps)
     if s.world.main:  # rows past the checkpoint (written before a kill) are dropped: they will be redone
         write_jsonl(metrics, [r for r in _read_rows(metrics) if r["step"] <= start])
+        diag = out / "qat_diagnostics.jsonl"
+        if diag.is_file():
+            write_jsonl(diag, [r for r in _read_rows(diag) if r["step"] <= start and s.qat is not None])
     return start
 
 
@@ -280,13 +293,20 @@ def train(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) ->
     main = s.world.main
     log.info("distill: %d trainable params, %s, steps %d -> %d on %s x %d (%s)", s.trainable, cfg.optim.name,
              start, end, s.device, s.world.size, s.world.strategy)
+    diag_path = out / "qat_diagnostics.jsonl" if main and s.qat is not None else os.devnull
     with StopFlag() as stop, (out / "metrics.jsonl").open("a") if main else open(os.devnull, "w") as f, \
+            open(diag_path, "a") as diag, \
             tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", mininterval=2,
                  disable=not main) as bar:
         for step in range(start + 1, end + 1):
+            if s.qat is not None:
+                s.qat.recording = s.qat.due(step)
             row = train_step(s, cfg, step, ctx.seed)
             f.write(json.dumps(row) + "\n")
             f.flush()
+            if s.qat is not None and s.qat.recording:  # this rank's gradients (before the DDP average)
+                diag.writelines(json.dumps(r) + "\n" for r in s.qat.rows(step))
+                diag.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             signum = int(s.world.sum([float(stop.signum or 0)])[0])  # any rank signalled: all stop here
@@ -306,9 +326,26 @@ def train(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) ->
     if end < cfg.steps:
         return Result({**metrics, "stopped_at": end}, ["metrics.jsonl", "checkpoints"])
     save_adapter(s, out / "adapter")
+    outputs = ["adapter", "metrics.jsonl", "checkpoints"]
+    if main:
+        outputs += _qat_outputs(s, cfg, out)
     log.info("distill: loss %.4f -> %.4f over %d steps; adapter in %s", metrics["first_loss"],
              metrics["last_loss"], metrics["steps"], out / "adapter")
-    return Result(metrics, ["adapter", "metrics.jsonl", "checkpoints"])
+    return Result(metrics, outputs)
+
+
+def _qat_outputs(s: Setup, cfg: DistillConfig, out: Path) -> list[str]:
+    """qat.json (the grid quantize.method=qat_rtn exports with) and the diagnostics plots; a plain
+    run removes a qat.json an earlier QAT run left, so the export never uses a stale grid."""
+    from refinery.train import qat
+
+    spec = out / qat.SPEC
+    if s.qat is None:
+        spec.unlink(missing_ok=True)
+        return []
+    qat.write_spec(spec, cfg.qat, cfg.dtype)
+    rows = read_jsonl(out / qat.DIAGNOSTICS) if (out / qat.DIAGNOSTICS).is_file() else []
+    return [qat.SPEC] + ([qat.DIAGNOSTICS] if rows else []) + qat.plot_diagnostics(rows, out)
 
 
 def save_adapter(s: Setup, path: Path) -> None:
