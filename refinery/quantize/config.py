@@ -11,7 +11,11 @@ from refinery.core.config import check
 class QuantizeConfig:
     """GPTQ W{bits}A16 with GPTQModel, calibrated on the generated task data."""
 
-    method: Literal["gptq"] = "gptq"
+    method: Literal["gptq", "rtn", "qat_rtn"] = "gptq"
+    """gptq: GPTQModel on the merged student. rtn: round-to-nearest of the merged student on the same
+    grid (bits, group_size, sym; GPTQModel's RTN, no calibration, same GPTQ format): the baseline GPTQ
+    must beat. qat_rtn: a KD-QAT student (distill.qat.enabled) rounded on the grid it trained with
+    (bits, group_size, sym must equal distill.qat's; no calibration)."""
     bits: int = 4
     group_size: int = 64
     """Must divide every quantized layer's input width, or vLLM cannot load the result (checked before

@@ -32,8 +32,15 @@ RECIPE = "refinery_quantize.json"
 
 def run(ctx: Context, cfg: QuantizeConfig) -> Result:
     """Merge `distill/adapter` into the student base, GPTQ it, and measure size and error."""
+    if cfg.method == "qat_rtn":  # the KD-QAT student's own grid, no calibration
+        from refinery.quantize import qat_export
+
+        return qat_export.run(ctx, cfg)
     adapter = ctx.stage_dir("distill") / "adapter"
     check_adapter(adapter)
+    if (ctx.stage_dir("distill") / "qat.json").is_file():
+        log.warning("quantize: the student was trained with distill.qat but quantize.method=gptq recomputes the "
+                    "grid; quantize.method=qat_rtn exports the grid it trained on")
     calib, held_out = split_texts(load_rows(ctx.stage_dir("generate") / "data.jsonl"),
                                   cfg.calibration_samples, cfg.error_samples, ctx.seed)
     _, student = resolve_models(ctx.models)
@@ -103,24 +110,47 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConf
     check_group_size(widths, cfg.group_size)
     if not calibration_texts:
         raise ValueError("quantize_model needs at least one calibration text")
-    _gptq_env()
-    import torch
-    from gptqmodel import GPTQModel
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    calib = tokenize_calibration(tokenizer, calibration_texts, cfg.calibration_max_len)
+    stats = quantize_tokenized(model_dir, out_dir, cfg, calib, tokenizer, trust_remote_code)
+    return {**stats, "quantized_layers_bytes": safetensors_bytes(out_dir, in_layers(widths))}
+
+
+def tokenize_calibration(tokenizer, texts: list[str], max_len: int) -> list[dict]:
+    """Calibration texts as GPTQModel's input: [{input_ids, attention_mask}], truncated to `max_len`."""
     calib = []
-    for text in calibration_texts:
-        enc = tokenizer(text, truncation=True, max_length=cfg.calibration_max_len)
-        calib.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    for text in texts:
+        enc = tokenizer(text, truncation=True, max_length=max_len)
+        calib.append({"input_ids": list(enc["input_ids"]), "attention_mask": list(enc["attention_mask"])})
+    return calib
+
+
+def quantize_tokenized(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, calib: list[dict],
+                       tokenizer, trust_remote_code: bool = False, source: str | None = None) -> dict:
+    """GPTQ (or RTN, `cfg.method`) of `model_dir` into `out_dir` (atomic) from tokenized calibration data.
+
+    The group size is not checked here (callers check it before any work). `source` is recorded in
+    the output's recipe instead of `model_dir` (which may be a temp dir). Returns quantize_s, bits,
+    group_size, calibration_samples, calibration_tokens and gptq_bytes.
+    """
+    _gptq_env()
+    import torch
+    from gptqmodel import GPTQModel
+
     _redirect_gptq_logs(Path(out_dir).parent / "logs")
     started = time.time()
     model = GPTQModel.load(str(model_dir), gptq_config(cfg), dtype=getattr(torch, cfg.dtype),
                            trust_remote_code=trust_remote_code)
-    # min_length=1: GPTQModel silently drops texts under 10 tokens by default; short answers are real data.
-    model.quantize(calib, tokenizer=tokenizer, batch_size=1, calibration_data_min_length=1)
+    if cfg.method == "rtn":  # weight-only: GPTQModel ignores (and warns about) calibration data
+        model.quantize(None, tokenizer=tokenizer)
+        calib = []
+    else:
+        # min_length=1: GPTQModel silently drops texts under 10 tokens by default; short answers are real data.
+        model.quantize(calib, tokenizer=tokenizer, batch_size=1, calibration_data_min_length=1)
     out_dir = Path(out_dir)
-    recipe = {"config": to_dict(cfg), "source": str(model_dir), "calibration_samples": len(calib),
+    recipe = {"config": to_dict(cfg), "source": source or str(model_dir), "calibration_samples": len(calib),
               "calibration_tokens": sum(len(c["input_ids"]) for c in calib)}
     with atomic_path(out_dir) as tmp:
         model.save(str(tmp))
@@ -131,8 +161,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConf
     return {"quantize_s": quantize_s, "bits": cfg.bits, "group_size": cfg.group_size,
             "calibration_samples": recipe["calibration_samples"],
             "calibration_tokens": recipe["calibration_tokens"],
-            "gptq_bytes": dir_bytes(out_dir),
-            "quantized_layers_bytes": safetensors_bytes(out_dir, in_layers(widths))}
+            "gptq_bytes": dir_bytes(out_dir)}
 
 
 def _redirect_gptq_logs(log_dir: Path) -> None:
@@ -145,9 +174,13 @@ def _redirect_gptq_logs(log_dir: Path) -> None:
 
 
 def gptq_config(cfg: QuantizeConfig):
-    """GPTQModel's QuantizeConfig for our settings (desc_act stays false unless asked: vLLM refuses it)."""
+    """GPTQModel's config for our settings (desc_act stays false unless asked: vLLM refuses it)."""
     from gptqmodel import QuantizeConfig as GPTQModelConfig
+    from gptqmodel.quantization.config import RTNConfig
 
+    if cfg.method == "rtn":  # round-to-nearest on the same grid, written in the same GPTQ format
+        return RTNConfig(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, desc_act=False,
+                         device=quant_device(cfg))
     return GPTQModelConfig(bits=cfg.bits, group_size=cfg.group_size, desc_act=cfg.desc_act,
                            act_group_aware=cfg.act_order, sym=cfg.sym, damp_percent=cfg.damp_percent,
                            device=quant_device(cfg))
