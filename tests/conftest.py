@@ -71,3 +71,25 @@ def write_train_data():
         return rows
 
     return write
+
+
+@pytest.fixture
+def tiny_sweep(tmp_path, tiny_teacher, tiny_student, write_train_data):
+    """A 3-configuration sweep of the tiny models (6 distill steps, checkpoint every 2) with its shared
+    data written: returns (sweep.yaml, sweep_dir); base.yaml beside it."""
+    import yaml
+
+    base = {"models": {"teacher": tiny_teacher, "student": {"path": tiny_student}},
+            "tasks": {"names": ["siqa", "strategyqa"], "eval_limit": 8},
+            "distill": {"steps": 6, "batch_size": 2, "max_seq_len": 48, "checkpoint_every": 2,
+                        "lora": {"r": 4, "alpha": 8}, "optim": {"warmup_steps": 1}},
+            "quantize": {"calibration_samples": 8, "error_samples": 2},
+            "evaluate": {"models": ["student_quant"], "batch_size": 8, "latency": {"enabled": False}}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep_dir = tmp_path / "sweep"
+    write_train_data(sweep_dir / "shared")  # stands in for the shared generate stage
+    sweep = {"base": str(tmp_path / "base.yaml"), "sweep_dir": str(sweep_dir), "num_samples": 3, "seed": 1,
+             "space": {"distill.optim.lr": {"type": "loguniform", "low": 0.002, "high": 0.05},
+                       "quantize.group_size": {"type": "choice", "values": [32, 64]}}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    return tmp_path / "sweep.yaml", sweep_dir

@@ -369,6 +369,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", default=None)
     p.add_argument("--no-ray", action="store_true", help="run the driver without starting Ray")
     p.add_argument("--ray-port", type=int, default=d.ray_port)
+    p.add_argument("--ray-head-arg", action="append", default=[], metavar="OPTION",
+                   help="extra `ray start --head` option, repeatable (e.g. --ray-head-arg=--temp-dir=/scratch/ray)")
     p.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
     return p
 
@@ -387,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             "nodes": args.nodes, "cpus_per_task": args.cpus_per_task, "gpus_per_node": args.gpus_per_node,
             "time": args.time, "partition": args.partition, "job_name": args.job_name,
             "requeue": not args.no_requeue, "signal_lead_s": args.signal_lead, "extra_sbatch": args.sbatch,
-            "setup": args.setup, "log_dir": args.log_dir, "start_ray": not args.no_ray, "ray_port": args.ray_port})
+            "setup": args.setup, "log_dir": args.log_dir, "start_ray": not args.no_ray, "ray_port": args.ray_port,
+            "ray_head_args": args.ray_head_arg})
         from refinery.cluster.sweep_config import load_sweep
 
         sweep_dir = Path(load_sweep(str(config), overrides).sweep_dir).absolute()  # fail now, not in the queue

@@ -236,7 +236,11 @@ def _tune_config(sweep: SweepConfig, max_steps: int):
                 raise ConfigError(f"searcher: gp needs {e.name} (pip install scipy), or use searcher: optuna") from e
         else:
             sampler = optuna.samplers.TPESampler(seed=sweep.seed)
-        search = OptunaSearch(sampler=sampler, metric="objective", mode="max")
+        if sweep.objective.metric == "pareto":  # both samplers handle several objectives
+            search = OptunaSearch(sampler=sampler, metric=list(sweep.objective.pareto_of),
+                                  mode=sweep.objective.modes())
+        else:
+            search = OptunaSearch(sampler=sampler, metric="objective", mode="max")
     if sweep.scheduler == "asha":  # its own metric (the distill loss); the searcher keeps the objective
         from ray.tune.schedulers import ASHAScheduler
 

@@ -44,12 +44,25 @@ class Param:
 class ObjectiveConfig:
     """score = accuracy - bytes_weight * GB - latency_weight * decode ms/token, on the quantized student."""
 
-    metric: Literal["accuracy", "weighted"] = "accuracy"
-    """accuracy: mean quantized accuracy over the run's tasks. weighted: the formula above."""
+    metric: Literal["accuracy", "weighted", "pareto"] = "accuracy"
+    """accuracy: mean quantized accuracy over the run's tasks. weighted: the formula above. pareto:
+    multi-objective search (Optuna's multi-objective TPE/GP) over `pareto_of`, accuracy up, the others
+    down; the results table marks the front and best.yaml is the front's most accurate point."""
     bytes_weight: float = 0.0
     latency_weight: float = 0.0
     model: Literal["student_quant", "student"] = "student_quant"
     """Which evaluated model the objective reads (the quantized one unless you say otherwise)."""
+    pareto_of: list[str] = field(default_factory=lambda: ["accuracy", "bytes"])
+    """The objectives of metric: pareto, from accuracy, bytes and decode_ms (decode_ms needs
+    evaluate.latency.enabled=true in the trials)."""
+
+    def __post_init__(self):
+        check("accuracy" in self.pareto_of and len(set(self.pareto_of)) == len(self.pareto_of) >= 2
+              and set(self.pareto_of) <= {"accuracy", "bytes", "decode_ms"}, "pareto_of", self.pareto_of,
+              "accuracy and at least one of bytes, decode_ms, each once")
+
+    def modes(self) -> list[str]:
+        return ["max" if m == "accuracy" else "min" for m in self.pareto_of]
 
 
 @dataclass

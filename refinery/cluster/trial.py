@@ -48,6 +48,9 @@ def _read_objective(run_dir: Path, objective) -> dict:
         raise TrialFailed(f"{run_dir}: evaluate has no accuracy for {objective.model}; keep it in evaluate.models")
     decode = (m.get("latency") or {}).get("decode_ms_per_token")
     score = m["mean_acc"]
+    if objective.metric == "pareto" and "decode_ms" in objective.pareto_of and decode is None:
+        raise TrialFailed(f"{run_dir}: objective.pareto_of has decode_ms but evaluate measured no latency; "
+                          "set evaluate.latency.enabled=true in the sweep's overrides")
     if objective.metric == "weighted":
         score -= objective.bytes_weight * m["bytes"] / 1e9 + objective.latency_weight * (decode or 0.0)
     return {"objective": score, "accuracy": m["mean_acc"], "bytes": m["bytes"], "decode_ms": decode,

@@ -19,31 +19,14 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _files(tmp: Path, teacher: str, student: str, write_data) -> tuple[Path, Path]:
-    base = {"models": {"teacher": teacher, "student": {"path": student}},
-            "tasks": {"names": ["siqa", "strategyqa"], "eval_limit": 8},
-            "distill": {"steps": 6, "batch_size": 2, "max_seq_len": 48, "checkpoint_every": 2,
-                        "lora": {"r": 4, "alpha": 8}, "optim": {"warmup_steps": 1}},
-            "quantize": {"calibration_samples": 8, "error_samples": 2},
-            "evaluate": {"models": ["student_quant"], "batch_size": 8, "latency": {"enabled": False}}}
-    (tmp / "base.yaml").write_text(yaml.safe_dump(base))
-    sweep_dir = tmp / "sweep"
-    write_data(sweep_dir / "shared")  # stands in for the shared generate stage
-    sweep = {"base": str(tmp / "base.yaml"), "sweep_dir": str(sweep_dir), "num_samples": 3, "seed": 1,
-             "space": {"distill.optim.lr": {"type": "loguniform", "low": 0.002, "high": 0.05},
-                       "quantize.group_size": {"type": "choice", "values": [32, 64]}}}
-    (tmp / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-    return tmp / "sweep.yaml", sweep_dir
-
-
 def _sweep(cfg: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "refinery.launch.cli", "sweep", str(cfg)], stdout=log.open("w"),
                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def test_sweep_survives_kill_9_of_the_driver(tmp_path, tiny_teacher, tiny_student, write_train_data):
-    cfg, sweep_dir = _files(tmp_path, tiny_teacher, tiny_student, write_train_data)
+def test_sweep_survives_kill_9_of_the_driver(tmp_path, tiny_sweep):
+    cfg, sweep_dir = tiny_sweep
     proc = _sweep(cfg, tmp_path / "first.log")
     deadline = time.time() + 900
     # wait for one finished configuration and a second one under way
@@ -94,31 +77,41 @@ def _cmd(d: Path) -> bytes:
         return b""
 
 
-def test_sweep_trials_train_with_ray_train_torchtrainer(tmp_path, tiny_teacher, tiny_student, write_train_data):
+def test_sweep_trials_train_with_ray_train_torchtrainer(tmp_path, tiny_sweep):
     """distill.parallel.launcher=ray: each trial's distill is a 2-worker TorchTrainer on the sweep's Ray
-    (and the sweep uses the GP searcher: Optuna's GPSampler)."""
-    cfg, sweep_dir = _files(tmp_path, tiny_teacher, tiny_student, write_train_data)
+    (and the sweep searches two objectives, accuracy up and bytes down, with Optuna's GPSampler)."""
+    cfg, sweep_dir = tiny_sweep
     base = yaml.safe_load((tmp_path / "base.yaml").read_text())
     base["distill"]["parallel"] = {"strategy": "ddp", "nproc": 2, "launcher": "ray"}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     sweep = yaml.safe_load(cfg.read_text())
-    sweep.update(num_samples=2, searcher="gp")
+    sweep.update(num_samples=2, searcher="gp", objective={"metric": "pareto", "pareto_of": ["accuracy", "bytes"]})
     cfg.write_text(yaml.safe_dump(sweep))
     proc = _sweep(cfg, tmp_path / "sweep.log")
     assert proc.wait(timeout=1200) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
     results = [json.loads(p.read_text()) for p in (sweep_dir / "results").glob("*.json")]
     assert len({r["params"]["distill.optim.lr"] for r in results}) == 2  # two distinct proposals, both run
     assert json.loads((sweep_dir / "sweep.json").read_text())["searcher"] == "gp"
+    # the searcher got both objectives of every trial (its state: a pickle this test's sweep wrote)
+    import pickle
+
+    import optuna
+
+    state = pickle.loads(next((sweep_dir / "tune" / "sweep").glob("searcher-state-*.pkl")).read_bytes())
+    study = state["_ot_study"]
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    told = sorted(tuple(t.values) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert told == sorted((r["accuracy"], r["bytes"]) for r in results)
     for run in (sweep_dir / "runs").iterdir():
         log = (run / "trial.log").read_text()
         assert "Ray Train TorchTrainer with 2 workers" in log and "on cpu x 2 (ddp)" in log
         assert json.loads((run / "distill" / "manifest.json").read_text())["metrics"]["world_size"] == 2
 
 
-def test_asha_stops_a_trial_whose_distill_loss_lags(tmp_path, tiny_teacher, tiny_student, write_train_data):
+def test_asha_stops_a_trial_whose_distill_loss_lags(tmp_path, tiny_sweep):
     """Seeded TPE proposes lr 0.02 then 1e-6: at the first rung the 1e-6 trial's loss is far behind, so
     ASHA stops it before quantize/evaluate; the good one finishes and is the best config."""
-    cfg, sweep_dir = _files(tmp_path, tiny_teacher, tiny_student, write_train_data)
+    cfg, sweep_dir = tiny_sweep
     base = yaml.safe_load((tmp_path / "base.yaml").read_text())
     base["distill"]["steps"] = 12
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
@@ -137,10 +130,9 @@ def test_asha_stops_a_trial_whose_distill_loss_lags(tmp_path, tiny_teacher, tiny
     assert yaml.safe_load((sweep_dir / "best.yaml").read_text())["distill"]["optim"]["lr"] == 0.02
 
 
-def test_sigterm_stops_the_sweep_cleanly_and_the_rerun_finishes(tmp_path, tiny_teacher, tiny_student,
-                                                               write_train_data):
+def test_sigterm_stops_the_sweep_cleanly_and_the_rerun_finishes(tmp_path, tiny_sweep):
     """What Slurm sends on requeue: the driver stops its trials (they checkpoint), exits 143; rerun resumes."""
-    cfg, sweep_dir = _files(tmp_path, tiny_teacher, tiny_student, write_train_data)
+    cfg, sweep_dir = tiny_sweep
     sweep = yaml.safe_load(cfg.read_text())
     sweep["num_samples"] = 2
     cfg.write_text(yaml.safe_dump(sweep))

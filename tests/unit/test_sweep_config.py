@@ -68,3 +68,15 @@ def test_second_trial_of_a_configuration_waits_and_reuses_the_first(tmp_path):
     t.join(timeout=10)
     assert got == [summary]
     assert not (sweep_dir / "runs").exists()  # no run dir of its own
+
+
+@pytest.mark.parametrize("pareto_of,ok", [(["accuracy", "bytes"], True), (["accuracy", "bytes", "decode_ms"], True),
+                                          (["bytes", "decode_ms"], False), (["accuracy"], False),
+                                          (["accuracy", "accuracy"], False), (["accuracy", "speed"], False)])
+def test_pareto_objectives_are_checked(tmp_path, pareto_of, ok):
+    path = _write(tmp_path, objective={"metric": "pareto", "pareto_of": pareto_of})
+    if ok:
+        assert load_sweep(path).objective.modes() == ["max" if m == "accuracy" else "min" for m in pareto_of]
+    else:
+        with pytest.raises(ConfigError, match="pareto_of"):
+            load_sweep(path)
