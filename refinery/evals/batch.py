@@ -1,0 +1,263 @@
+"""Score many checkpoints with one pool of vLLM evaluation workers.
+
+    refinery evaluate configs/quickstart.yaml --models runs/a/quantize/gptq runs/b/quantize/merged teacher \\
+        --out runs/eval-many [--workers N] [--latency | --no-latency] [dotted.key=value ...]
+
+Each model (an HF float dir, a GPTQ dir, or `teacher` / `student_base` / `student` /
+`student_quant` of the config's run) is scored by lm-eval on the config's task set
+(`evaluate.task_set`: the run's offline tasks, or the method's eight standard lm-eval tasks)
+through the `refinery-vllm-pool` model, then timed by the same workers (decode ms/token median
+and p90, prefill tokens/s at `evaluate.latency.batch_sizes`, peak RSS, weight bytes).
+
+Writes `<out>/<name>/results.json` (last, atomically; a model whose results.json matches the
+same inputs and settings is skipped on rerun), lm-eval's raw output and per-item predictions
+beside it, `<out>/evaluate.csv` and a printed table. Python: `evaluate_many(cfg, {name: path},
+out, workers, latency)`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from refinery.core.manifest import atomic_path, dir_bytes, write_json, write_jsonl
+from refinery.evals.evaluate import _sample_rows, _task_scores, mean_accuracy
+from refinery.evals.lmeval_tasks import TaskSpec, build_tasks, check_loadable, task_manager
+from refinery.evals.loading import is_quantized, resolve_dtype
+
+log = logging.getLogger("refinery.evals.batch")
+
+RUN_MODELS = ("teacher", "student_base", "student", "student_quant")
+
+
+def resolve_models(cfg, specs: list[str]) -> dict[str, str]:
+    """{name: path} for model args: run model names via the config, else HF dirs (name = the dir
+    name, parent names prepended until unique). A missing or non-model path fails naming it."""
+    from refinery.evals.evaluate import model_paths
+
+    named = [s for s in specs if s in RUN_MODELS]
+    run_paths = model_paths(cfg.context(), named) if named else {}
+    dirs = [Path(s) for s in specs if s not in RUN_MODELS]
+    for d in dirs:
+        if not (d / "config.json").is_file():
+            what = "does not exist" if not d.exists() else "has no config.json"
+            raise FileNotFoundError(f"evaluate --models: {str(d)!r} {what}; pass an HF model dir (float or GPTQ, "
+                                    f"with config.json) or one of {', '.join(RUN_MODELS)}")
+    for depth in range(1, 9):  # shortest unique names from the paths' last components
+        names = ["-".join(d.resolve().parts[-depth:]) for d in dirs]
+        if len(set(names) | set(named)) == len(names) + len(named):
+            break
+    by_dir = dict(zip(map(str, dirs), names))
+    return {(s if s in RUN_MODELS else by_dir[s]): (run_paths[s] if s in RUN_MODELS else str(Path(s).resolve()))
+            for s in specs}
+
+
+def task_specs(cfg, tasks_dir: Path) -> tuple[list[TaskSpec], object]:
+    """The task set (offline run tasks or the standard eight) and an lm-eval TaskManager; loads each once."""
+    from refinery.core.tasks import STANDARD
+
+    if cfg.evaluate.task_set == "standard":
+        specs = [TaskSpec(n, n, offline=False, n=None) for n in STANDARD]
+    else:
+        specs = build_tasks(cfg.tasks, tasks_dir)
+    tm = task_manager(specs, tasks_dir)
+    check_loadable(specs, tm)
+    return specs, tm
+
+
+def _key(cfg, path: str, specs: list[TaskSpec], latency: bool) -> str:
+    """What a stored result depends on: the model, the tasks and items, and the measuring settings."""
+    from refinery.core.config import to_dict
+
+    parts = {"path": path, "model_bytes": dir_bytes(path), "tasks": [s.lm_eval_name for s in specs],
+             "eval_limit": cfg.tasks.eval_limit, "eval_fraction": cfg.tasks.eval_fraction, "seed": cfg.seed,
+             "dtype": cfg.evaluate.dtype, "latency": to_dict(cfg.evaluate.latency) if latency else None}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def score_with_pool(pool, path: str, specs: list[TaskSpec], tm, seed: int, limit: int | None,
+                    chunk_size: int = 64) -> dict:
+    """lm-eval's raw results (with samples) for the model at `path`, scored by the pool's workers."""
+    import lm_eval
+
+    from refinery.evals.vllm_lm import PoolLM
+
+    lm = PoolLM(pool, model_path=path, chunk_size=chunk_size)
+    # offline tasks are already cut to eval_limit items; the limit matters for standard tasks
+    return lm_eval.simple_evaluate(model=lm, tasks=[s.lm_eval_name for s in specs], task_manager=tm,
+                                   num_fewshot=0, log_samples=True, limit=limit, random_seed=seed,
+                                   numpy_random_seed=seed, torch_random_seed=seed)
+
+
+def evaluate_one(pool, name: str, path: str, cfg, specs, tm, out: Path, latency: bool) -> dict:
+    """Score and time one model; write `<out>/<name>/` (results.json last). Returns the entry."""
+    t0 = time.time()
+    raw = score_with_pool(pool, path, specs, tm, cfg.seed, cfg.tasks.eval_limit)
+    eval_s = time.time() - t0
+    samples = raw.pop("samples", {})
+    tasks = _task_scores(raw, specs)
+    mean, mean_se = mean_accuracy(tasks)
+    entry = {"name": name, "path": path, "bytes": dir_bytes(path), "quantized": is_quantized(path),
+             "backend": "vllm", "workers": pool.workers, "tasks": tasks, "mean_acc": mean,
+             "mean_acc_stderr": mean_se, "eval_s": round(eval_s, 2), "pool": dict(pool.stats),
+             "latency": None, "memory": None, "key": _key(cfg, path, specs, latency)}
+    if latency:
+        lat = cfg.evaluate.latency
+        m = pool.measure(path, prompt_tokens=lat.prompt_tokens, new_tokens=lat.new_tokens, repeats=lat.repeats,
+                         batch_sizes=list(lat.batch_sizes))
+        entry["memory"] = m.pop("memory")
+        entry["latency"] = m
+    d = out / name
+    write_json(d / "lmeval.json", raw)
+    write_jsonl(d / "samples.jsonl", _sample_rows(samples, specs))
+    write_json(d / "results.json", entry)  # last: its presence means the model is done
+    return entry
+
+
+def _done(out: Path, name: str, key: str) -> dict | None:
+    f = out / name / "results.json"
+    if f.is_file():
+        entry = json.loads(f.read_text())
+        if entry.get("key") == key:
+            return entry
+    return None
+
+
+def evaluate_many(cfg, models: dict[str, str], out: Path, workers: int | None, latency: bool,
+                  pool=None) -> dict:
+    """Score every {name: path} in `models` with one pool; {name: entry}. Finished models are skipped.
+
+    `cfg` is a full PipelineConfig (tasks, seed, evaluate). Writes `<out>/<name>/results.json`
+    per model and `<out>/evaluate.csv`. `pool`: an `EvalPool` to use (and leave running);
+    by default one is started for the models still to score and stopped at the end.
+    """
+    out = Path(out)
+    for name, path in models.items():  # every input checked before any slow work
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"evaluate: model {name!r} at {path!r} is not an HF model dir (no config.json): "
+                                    "quantize or train it first, or fix the path")
+    specs, tm = task_specs(cfg, out / "tasks")
+    results, todo = {}, {}
+    for name, path in models.items():
+        prev = _done(out, name, _key(cfg, path, specs, latency))
+        if prev:
+            log.info("evaluate: %s already scored (%s), skipped", name, out / name / "results.json")
+            results[name] = prev
+        else:
+            todo[name] = path
+    if todo:
+        own = pool is None
+        pool = pool or make_pool(cfg, workers)
+        try:
+            for i, (name, path) in enumerate(todo.items(), 1):
+                log.info("evaluate [%d/%d] %s: %s on %d tasks (%d workers)", i, len(todo), name, path, len(specs),
+                         pool.workers)
+                results[name] = evaluate_one(pool, name, path, cfg, specs, tm, out, latency)
+        finally:
+            if own:
+                pool.close()
+    results = {name: results[name] for name in models}
+    write_csv(out / "evaluate.csv", results)
+    return results
+
+
+def make_pool(cfg, workers: int | None = None):
+    """An EvalPool set up from the config: evaluate.workers/dtype, batch room for the latency sizes."""
+    import torch
+
+    from refinery.evals.pool import EvalPool
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return EvalPool(workers=workers or cfg.evaluate.workers, dtype=resolve_dtype(cfg.evaluate.dtype, device),
+                    trust_remote_code=cfg.models.trust_remote_code,
+                    max_num_seqs=max([32, *cfg.evaluate.latency.batch_sizes]))
+
+
+def _row(name: str, e: dict) -> dict:
+    lat, mem = e.get("latency") or {}, e.get("memory") or {}
+    row = {"model": name, "path": e["path"], "quantized": e["quantized"], "bytes": e["bytes"],
+           "mean_acc": round(e["mean_acc"], 4), "mean_acc_stderr": round(e["mean_acc_stderr"], 4)}
+    for task, t in e["tasks"].items():
+        row[f"{task}.acc"] = None if t.get("acc") is None else round(t["acc"], 4)
+        row[f"{task}.acc_stderr"] = None if t.get("acc_stderr") is None else round(t["acc_stderr"], 4)
+    row["decode_ms_median"] = lat.get("decode_ms_per_token")
+    row["decode_ms_p90"] = lat.get("decode_ms_per_token_p90")
+    for b, v in (lat.get("batch") or {}).items():
+        row[f"prefill_tok_s.b{b}"] = v["prefill_tokens_per_s"]
+    row["peak_rss_bytes"] = mem.get("peak_rss_bytes")
+    row["weight_bytes"] = mem.get("weight_bytes")
+    return row
+
+
+def write_csv(path: Path, results: dict) -> None:
+    """One row per model: accuracy, per task, latency, memory (atomically)."""
+    rows = [_row(n, e) for n, e in results.items()]
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def table(results: dict) -> str:
+    """A markdown table: accuracy mean ± stderr and per task, decode, prefill, memory."""
+    tasks = list(dict.fromkeys(t for e in results.values() for t in e["tasks"]))
+    sizes = list(dict.fromkeys(b for e in results.values() for b in ((e.get("latency") or {}).get("batch") or {})))
+    head = ["model", "mean acc"] + tasks + ["decode ms/tok (p50/p90)"] \
+        + [f"prefill tok/s b{b}" for b in sizes] + ["peak RSS MB", "weights MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, e in results.items():
+        lat, mem = e.get("latency") or {}, e.get("memory") or {}
+        cells = [name, f"{e['mean_acc']:.3f} ± {e['mean_acc_stderr']:.3f}"]
+        cells += [f"{e['tasks'][t]['acc']:.3f}" if t in e["tasks"] else "-" for t in tasks]
+        cells.append(f"{lat['decode_ms_per_token']:.1f} / {lat['decode_ms_per_token_p90']:.1f}" if lat else "-")
+        cells += [f"{lat['batch'][b]['prefill_tokens_per_s']:.0f}" if b in lat.get("batch", {}) else "-"
+                  for b in sizes]
+        cells += [f"{mem['peak_rss_bytes'] / 1e6:.0f}" if mem.get("peak_rss_bytes") else "-",
+                  f"{mem['weight_bytes'] / 1e6:.1f}" if mem.get("weight_bytes") else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Dotted overrides (key=value, not an option) apart from the rest (model paths have no '=')."""
+    over = [a for a in argv if "=" in a and not a.startswith("-")]
+    return [a for a in argv if a not in over], over
+
+
+def main(argv: list[str]) -> int:
+    """`refinery evaluate CONFIG --models P [P ...] --out DIR [--workers N] [--latency|--no-latency] [k=v ...]`."""
+    from refinery.core.config import ConfigError
+    from refinery.launch.config import load  # the CLI hands us CONFIG: load it as `refinery` does
+
+    rest, overrides = _split_argv(argv)
+    p = argparse.ArgumentParser(prog="refinery evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("config")
+    p.add_argument("--models", nargs="+", required=True,
+                   help=f"HF model dirs (float or GPTQ) and/or run models ({', '.join(RUN_MODELS)})")
+    p.add_argument("--out", required=True, help="output dir: <out>/<name>/results.json, <out>/evaluate.csv")
+    p.add_argument("--workers", type=int, default=None, help="pool size (default: evaluate.workers; 1 on CPU)")
+    p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure latency and memory (default: evaluate.latency.enabled)")
+    args = p.parse_args(rest)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load(args.config, overrides)
+        models = resolve_models(cfg, args.models)
+        latency = cfg.evaluate.latency.enabled if args.latency is None else args.latency
+        out = Path(args.out)
+        results = evaluate_many(cfg, models, out, args.workers, latency)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"refinery evaluate: {e}", file=sys.stderr)
+        return 2
+    print(table(results))
+    print(f"\nresults: {out}/<model>/results.json, {out}/evaluate.csv")
+    return 0

