@@ -28,7 +28,12 @@ from pathlib import Path
 
 from refinery.core.manifest import atomic_path, dir_bytes, write_json, write_jsonl
 from refinery.evals.evaluate import _sample_rows, _task_scores, mean_accuracy
-from refinery.evals.lmeval_tasks import TaskSpec, build_tasks, check_loadable, task_manager
+from refinery.evals.lmeval_tasks import (
+    TaskSpec,
+    build_tasks,
+    check_loadable,
+    task_manager,
+)
 from refinery.evals.loading import is_quantized, resolve_dtype
 
 log = logging.getLogger("refinery.evals.batch")
@@ -118,6 +123,45 @@ def evaluate_one(pool, name: str, path: str, cfg, specs, tm, out: Path, latency:
     write_jsonl(d / "samples.jsonl", _sample_rows(samples, specs))
     write_json(d / "results.json", entry)  # last: its presence means the model is done
     return entry
+
+
+def evaluate_run_models(paths: dict[str, str], ctx, cfg, specs, tm, out: Path) -> dict:
+    """The evaluate stage's `backend: vllm` path: each run model scored and timed by one pool.
+
+    Entries have the HF path's fields (`latency.memory_bytes` = the engine's weight bytes) plus
+    the workers' `memory` and per-batch latency; lm-eval's output goes to `out/lmeval/` as before.
+    """
+    import torch
+
+    from refinery.evals.pool import EvalPool
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = {}
+    with EvalPool(workers=cfg.workers, dtype=resolve_dtype(cfg.dtype, device),
+                  trust_remote_code=ctx.models.trust_remote_code,
+                  max_num_seqs=max([32, *cfg.latency.batch_sizes])) as pool:
+        for name, path in paths.items():
+            t0 = time.time()
+            raw = score_with_pool(pool, path, specs, tm, ctx.seed, ctx.tasks.eval_limit)
+            samples = raw.pop("samples", {})
+            write_json(out / "lmeval" / f"{name}.json", raw)
+            write_jsonl(out / "lmeval" / f"{name}_samples.jsonl", _sample_rows(samples, specs))
+            tasks = _task_scores(raw, specs)
+            mean, mean_se = mean_accuracy(tasks)
+            entry = {"path": path, "bytes": dir_bytes(path) if Path(path).exists() else None, "params": None,
+                     "quantized": is_quantized(path), "tasks": tasks, "mean_acc": mean, "mean_acc_stderr": mean_se,
+                     "load_s": None, "eval_s": round(time.time() - t0, 2), "latency": None, "memory": None,
+                     "backend": "vllm"}
+            if cfg.latency.enabled:
+                lat = cfg.latency
+                m = pool.measure(path, prompt_tokens=lat.prompt_tokens, new_tokens=lat.new_tokens,
+                                 repeats=lat.repeats, batch_sizes=list(lat.batch_sizes))
+                entry["memory"] = m.pop("memory")
+                entry["load_s"] = m.pop("load_s", None)
+                entry["latency"] = {**m, "memory_bytes": entry["memory"]["weight_bytes"] or 0, "threads": None}
+            models[name] = entry
+            log.info("evaluate (vllm) %s: mean acc %.4f +- %.4f", name, mean, mean_se)
+    return models
 
 
 def _done(out: Path, name: str, key: str) -> dict | None:
@@ -236,7 +280,9 @@ def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str]) -> int:
     """`refinery evaluate CONFIG --models P [P ...] --out DIR [--workers N] [--latency|--no-latency] [k=v ...]`."""
     from refinery.core.config import ConfigError
-    from refinery.launch.config import load  # the CLI hands us CONFIG: load it as `refinery` does
+    from refinery.launch.config import (
+        load,  # the CLI hands us CONFIG: load it as `refinery` does
+    )
 
     rest, overrides = _split_argv(argv)
     p = argparse.ArgumentParser(prog="refinery evaluate", description=__doc__.splitlines()[0])

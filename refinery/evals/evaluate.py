@@ -128,7 +128,12 @@ def run(ctx: Context, cfg: EvaluateConfig) -> Result:
     old_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or old_threads)  # fixed for scoring and latency alike
     try:
-        models = _evaluate_all(paths, ctx, cfg, specs, tm, out)
+        if cfg.backend == "vllm":  # the evaluation workers (Ray actors, one vLLM engine each)
+            from refinery.evals.batch import evaluate_run_models
+
+            models = evaluate_run_models(paths, ctx, cfg, specs, tm, out)
+        else:
+            models = _evaluate_all(paths, ctx, cfg, specs, tm, out)
     finally:
         torch.set_num_threads(old_threads)
     results = {"models": models, "tasks": [s.name for s in specs], "eval_limit": ctx.tasks.eval_limit,

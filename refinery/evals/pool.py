@@ -25,9 +25,17 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from refinery.evals.vllm_latency import (
+    checkpoint_weight_bytes,
+    measure_engine,
+    proc_status,
+    reset_peak_rss,
+)
 
 log = logging.getLogger("refinery.evals.pool")
 
@@ -53,24 +61,7 @@ class Chunk:
 
 # --------------------------------------------------------------------------- the actor side
 
-def _proc_status(key: str) -> int:
-    """A /proc/self/status field in bytes (VmRSS, VmHWM), 0 where /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux clear_refs 5)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 class EngineWorker:
@@ -85,7 +76,9 @@ class EngineWorker:
         self.rss_before_load = 0
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "model": self.model_path, "loads": self.loads}
+        import torch
+
+        return {"pid": os.getpid(), "model": self.model_path, "loads": self.loads, "threads": torch.get_num_threads()}
 
     def _ensure(self, model_path: str):
         if self.model_path == model_path and self.engine is not None:
@@ -95,8 +88,8 @@ class EngineWorker:
         if self.engine is not None:
             self.engine.close()
             self.engine, self.model_path = None, None
-        self.rss_before_load = _proc_status("VmRSS")
-        _reset_peak_rss()  # peak memory is per checkpoint from here on
+        self.rss_before_load = proc_status("VmRSS")
+        reset_peak_rss()  # peak memory is per checkpoint from here on
         dtype = self.dtype
         if dtype == "float32":
             from refinery.evals.loading import is_quantized
@@ -125,6 +118,7 @@ class EngineWorker:
     def _measure(self, eng, **kw) -> dict:
         out = measure_engine(eng.llm, eng.tok, **kw)
         out["memory"] = self.memory(eng)
+        out["threads"] = eng._torch_threads[1]  # torch's threads when the engine started
         out["load_s"] = round(self.load_s, 2)
         return out
 
@@ -132,15 +126,10 @@ class EngineWorker:
         """Peak and current RSS of this worker since its model was loaded, and the weights' bytes."""
         import torch
 
-        from refinery.evals.latency import model_memory_bytes
-
-        try:
-            weights = sum(eng.llm.apply_model(model_memory_bytes))
-        except Exception as e:  # an engine whose model is not reachable in-process (GPU worker process)
-            log.warning("weight bytes: %s", e)
-            weights = None
-        mem = {"peak_rss_bytes": _proc_status("VmHWM"), "rss_bytes": _proc_status("VmRSS"),
-               "rss_before_load_bytes": self.rss_before_load, "weight_bytes": weights,
+        dtype = str(eng.llm.llm_engine.model_config.dtype).replace("torch.", "")
+        mem = {"peak_rss_bytes": proc_status("VmHWM"), "rss_bytes": proc_status("VmRSS"),
+               "rss_before_load_bytes": self.rss_before_load,
+               "weight_bytes": checkpoint_weight_bytes(self.model_path, dtype),
                "kv_cache_bytes": int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "0")) * 2**30) or None}
         if torch.cuda.is_available():  # the engine's own process on GPU: only what this process saw
             mem["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
@@ -174,84 +163,6 @@ def _generate(llm, items) -> list[tuple[Any, str]]:
     return [(rid, o.outputs[0].text) for (rid, _, _), o in zip(items, outs)]
 
 
-def _percentile(xs: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default) of a non-empty list."""
-    xs = sorted(xs)
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def _timed_batch(llm, prompts: list[list[int]], new_tokens: int, tag: str) -> tuple[float, list[float]]:
-    """(prefill seconds, decode step seconds) of one batch, stepping the engine ourselves.
-
-    The prefill ends when every request has its first token; each later engine step adds one
-    token to every sequence, so a step's duration is the per-token decode latency at this batch.
-    """
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    engine = llm.llm_engine
-    # exactly new_tokens per request: EOS cannot end a sequence early
-    params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, temperature=0.0,
-                            detokenize=False)
-    ids = [f"{tag}-{k}" for k in range(len(prompts))]
-    t0 = time.perf_counter()
-    for rid, p in zip(ids, prompts):
-        engine.add_request(rid, TokensPrompt(prompt_token_ids=p), params)
-    started, stamps, prefill = set(), [], None
-    while engine.has_unfinished_requests():
-        outs = engine.step()
-        now = time.perf_counter()
-        started.update(o.request_id for o in outs if o.outputs and o.outputs[0].token_ids)
-        if prefill is None:
-            if len(started) == len(ids):
-                prefill, stamps = now - t0, [now]
-        else:
-            stamps.append(now)
-    if prefill is None:
-        raise RuntimeError(f"latency: {len(ids) - len(started)} requests produced no token")
-    return prefill, [b - a for a, b in zip(stamps, stamps[1:])]
-
-
-def measure_engine(llm, tok, prompt_tokens: int = 128, new_tokens: int = 32, repeats: int = 3,
-                   batch_sizes: tuple[int, ...] | list[int] = (1, 8, 32)) -> dict:
-    """Decode ms/token (median, p90) and prefill tokens/s at each batch size, after one warm-up.
-
-    Each request of a batch gets its own prompt (the same text shifted by one token per request)
-    and the prefix cache is emptied before every batch, so nothing of a prompt is cached.
-    """
-    from refinery.evals.latency import fixed_prompt
-
-    if new_tokens < 2:
-        raise ValueError(f"latency.new_tokens: got {new_tokens}, expected >= 2 (decode needs two tokens)")
-    base = fixed_prompt(tok, prompt_tokens + max(batch_sizes))
-    per_batch = {}
-    for b in batch_sizes:
-        prompts = [base[k:k + prompt_tokens] for k in range(b)]
-        prefills, steps = [], []
-        for r in range(repeats + 1):
-            llm.reset_prefix_cache()
-            prefill, decode = _timed_batch(llm, prompts, new_tokens, f"lat-{b}-{r}")
-            if r:  # run 0 warms up kernels and the allocator for this shape
-                prefills.append(prefill)
-                steps += decode
-        pre = sorted(prefills)[len(prefills) // 2]
-        per_batch[str(b)] = {"decode_ms_per_token": round(_percentile(steps, 50) * 1000, 3),
-                             "decode_ms_per_token_p90": round(_percentile(steps, 90) * 1000, 3),
-                             "decode_tokens_per_s": round(b / _percentile(steps, 50), 1),
-                             "prefill_tokens_per_s": round(b * prompt_tokens / pre, 1),
-                             "prefill_ms": round(pre * 1000, 2), "decode_steps": len(steps)}
-    first = per_batch[str(batch_sizes[0])]
-    return {"engine": "vllm", "batch": per_batch, "batch_sizes": list(batch_sizes),
-            "decode_ms_per_token": first["decode_ms_per_token"],
-            "decode_ms_per_token_p90": first["decode_ms_per_token_p90"],
-            "prefill_tokens_per_s": first["prefill_tokens_per_s"], "batch_size": batch_sizes[0],
-            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
-            "dtype": str(llm.llm_engine.model_config.dtype).replace("torch.", "")}
-
-
 # --------------------------------------------------------------------------- the driver side
 
 def default_workers() -> int:
@@ -273,7 +184,7 @@ class EvalPool:
         self.max_replacements, self.inflight = max_replacements, inflight
         self.actors: list = []
         self.replaced = 0
-        self.on_chunk_done: Callable[["EvalPool", int], None] | None = None
+        self.on_chunk_done: Callable[[EvalPool, int], None] | None = None
         """Called in the driver after each finished chunk with the count so far (tests inject failures here)."""
         self._started_ray = False
         self._ray_tmp: str | None = None
@@ -294,14 +205,24 @@ class EvalPool:
                          _temp_dir=self._ray_tmp, log_to_driver=False)
             self._started_ray = True
         gpus = torch.cuda.device_count()
-        cpus = 0 if gpus else max((os.cpu_count() or 1) // self.workers, 1)
         env = {"PYTHONPATH": os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[2]),
-                                                          os.environ.get("PYTHONPATH", "")] if p)}
+                                                          os.environ.get("PYTHONPATH", "")] if p),
+               # Ray would set OMP_NUM_THREADS to the actor's 1 logical CPU; the engine gets its share
+               # of the cores instead (an exported value wins)
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")
+               or str(max((os.cpu_count() or 1) // self.workers, 1))}
         for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING"):
             if key in os.environ:
                 env[key] = os.environ[key]
+        need = {"GPU": 1.0} if gpus else {"CPU": 1.0}
+        free = ray.available_resources()
+        for res, n in need.items():  # an actor Ray cannot place would wait forever: fail now instead
+            if free.get(res, 0.0) < n * self.workers:
+                raise RuntimeError(f"evaluation pool: {self.workers} workers need {n * self.workers:g} {res} but this "
+                                   f"Ray has {free.get(res, 0.0):g} free (another pool running? pass it as pool=, "
+                                   "or lower workers)")
         self._remote = ray.remote(EngineWorker).options(
-            num_cpus=cpus, num_gpus=1 if gpus else 0, max_restarts=0, max_task_retries=0,
+            num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0, max_restarts=0, max_task_retries=0,
             runtime_env={"env_vars": env})
         self.actors = [self._new_actor() for _ in range(self.workers)]
 
@@ -389,8 +310,8 @@ class EvalPool:
         for a in self.actors:
             try:
                 ray.kill(a, no_restart=True)
-            except Exception:  # already dead
-                pass
+            except ValueError as e:  # not an actor handle any more
+                log.debug("close: %s", e)
         self.actors = []
         if self._started_ray:
             ray.shutdown()

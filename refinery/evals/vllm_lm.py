@@ -136,7 +136,11 @@ class PoolLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Text up to the first `until` string (EOS included), sampling params from gen_kwargs."""
-        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+        from lm_eval.models.utils import (
+            handle_stop_sequences,
+            normalize_gen_kwargs,
+            postprocess_generated_text,
+        )
 
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         items, stops = [], []

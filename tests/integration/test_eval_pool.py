@@ -148,39 +148,63 @@ def test_killed_worker_is_replaced_and_nothing_counts_twice(pool, cfg, specs, ti
         assert raw["results"][t]["acc,none"] == vllm_raw["results"][t]["acc,none"]
 
 
-def test_evaluate_many_writes_results_and_cli_skips_done_models(pool, cfg, tiny_teacher, tiny_student, tmp_path,
-                                                               capsys):
+def test_evaluate_many_writes_results_and_cli_skips_done_models(pool, cfg, tiny_teacher, tmp_path, capsys):
     import yaml
 
     from refinery.core.config import to_dict
     from refinery.evals.batch import evaluate_many, main, resolve_models
 
-    models = resolve_models(cfg, [tiny_teacher, tiny_student])
+    (name,) = resolve_models(cfg, [tiny_teacher])  # named after its dir
+    models = {name: tiny_teacher, "same-path": tiny_teacher}
+    loads = pool.info()[0]["loads"]
     out = tmp_path / "eval"
     res = evaluate_many(cfg, models, out, workers=1, latency=True, pool=pool)
-    assert list(res) == list(models) and len(models) == 2
-    for name, e in res.items():
-        stored = json.loads((out / name / "results.json").read_text())
+    assert pool.info()[0]["loads"] == loads  # the engine that already held this model served both
+    assert list(res) == list(models)
+    for n, e in res.items():
+        stored = json.loads((out / n / "results.json").read_text())
         assert stored["mean_acc"] == e["mean_acc"] and set(stored["tasks"]) == {"siqa", "strategyqa"}
         assert all(t["n"] == LIMIT for t in stored["tasks"].values())
         lat, mem = stored["latency"], stored["memory"]
-        assert set(lat["batch"]) == {"1", "4"}
+        assert set(lat["batch"]) == {"1", "4"} and lat["prompt_tokens"] == 16 and lat["dtype"] == "float32"
         for b in lat["batch"].values():
             assert 0 < b["decode_ms_per_token"] <= b["decode_ms_per_token_p90"] and b["prefill_tokens_per_s"] > 0
-        # fp32 weights: 4 bytes per parameter of a 2- or 4-layer SmolLM2 (28M embedding + 3.5M per layer)
-        assert 100e6 < mem["weight_bytes"] < 200e6 and mem["peak_rss_bytes"] > mem["weight_bytes"]
-        assert len(read_jsonl(out / name / "samples.jsonl")) == 2 * LIMIT
+            assert b["decode_steps"] == 3  # new_tokens - 1 steps after the prefill, 1 repeat
+        # fp32 weights of the 4-layer model: 4 bytes x (28.3M embedding + 4 x 3.54M layers + norms)
+        assert 169e6 < mem["weight_bytes"] < 171e6 and mem["peak_rss_bytes"] > mem["weight_bytes"]
+        assert len(read_jsonl(out / n / "samples.jsonl")) == 2 * LIMIT
+    assert res[name]["tasks"] == res["same-path"]["tasks"]
     rows = (out / "evaluate.csv").read_text().splitlines()
-    assert len(rows) == 3 and "decode_ms_p90" in rows[0]
+    assert len(rows) == 3 and "decode_ms_p90" in rows[0] and "siqa.acc" in rows[0]
 
-    # the CLI on the same models and settings: nothing to score, no pool started, same table
+    # the CLI on the same model and settings: nothing to score, no pool started, same table
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(to_dict(cfg)))
-    mtimes = {n: (out / n / "results.json").stat().st_mtime_ns for n in models}
-    assert main([str(cfg_file), "--models", tiny_teacher, tiny_student, "--out", str(out), "--latency"]) == 0
-    assert {n: (out / n / "results.json").stat().st_mtime_ns for n in models} == mtimes
+    mtime = (out / name / "results.json").stat().st_mtime_ns
+    assert main([str(cfg_file), "--models", tiny_teacher, "--out", str(out), "--latency"]) == 0
+    assert (out / name / "results.json").stat().st_mtime_ns == mtime
     printed = capsys.readouterr().out
-    assert all(f"| {n} | {res[n]['mean_acc']:.3f} ± {res[n]['mean_acc_stderr']:.3f} |" in printed for n in models)
+    assert f"| {name} | {res[name]['mean_acc']:.3f} ± {res[name]['mean_acc_stderr']:.3f} |" in printed
+
+
+def test_evaluate_stage_with_vllm_backend_and_report(cfg, pool):
+    """`evaluate.backend: vllm` in the pipeline's stage: its own second pool next to the module's."""
+    from refinery.evals import evaluate, report
+    from refinery.launch.config import load
+
+    run_cfg = load(None, [f"{k}={v}" for k, v in [
+        ("run_dir", cfg.run_dir), ("models.teacher", cfg.models.teacher), ("models.student.path", cfg.models.student.path),
+        ("tasks.names", "[siqa]"), ("tasks.eval_limit", 8), ("evaluate.backend", "vllm"),
+        ("evaluate.models", "[student_base]"), ("evaluate.latency.prompt_tokens", 16),
+        ("evaluate.latency.new_tokens", 4), ("evaluate.latency.repeats", 1), ("evaluate.latency.batch_sizes", "[1]")]])
+    ctx = run_cfg.context()
+    evaluate.run(ctx, run_cfg.evaluate)
+    res = json.loads((ctx.run_dir / "evaluate" / "results.json").read_text())
+    m = res["models"]["student_base"]
+    assert m["backend"] == "vllm" and m["tasks"]["siqa"]["n"] == 8 and 0 <= m["mean_acc"] <= 1
+    assert m["latency"]["decode_ms_per_token"] > 0 and m["latency"]["memory_bytes"] == m["memory"]["weight_bytes"]
+    report.run(ctx, run_cfg.report)
+    assert "| student_base |" in (ctx.run_dir / "report" / "REPORT.md").read_text()
 
 
 def test_bad_inputs_name_the_problem(cfg, tmp_path, capsys):
