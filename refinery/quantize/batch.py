@@ -260,6 +260,19 @@ class QuantWorker:
         return quantize_one(job, self.calib)
 
 
+def check_workers(workers: int | None) -> None:
+    """More actors than a private Ray has devices would wait forever for a GPU or a core."""
+    import torch
+
+    if workers is None:
+        return
+    gpus, cpus = torch.cuda.device_count(), os.cpu_count() or 1
+    limit = None if os.environ.get("RAY_ADDRESS") else (gpus or cpus)
+    if workers < 1 or (limit and workers > limit):
+        raise ConfigError(f"--workers: got {workers}, expected an integer from 1 to {limit or 'the cluster size'} "
+                          f"(one actor per {'GPU' if gpus else 'core'} at most)")
+
+
 def default_workers() -> int:
     import torch
 
@@ -297,16 +310,16 @@ def run_jobs(jobs: list[dict], calib: list[dict], workers: int) -> list[dict]:
     import torch
 
     gpus = torch.cuda.device_count()
-    threads = 0 if gpus else max((os.cpu_count() or 1) // workers, 1)
+    threads = max((os.cpu_count() or 1) // workers, 1)  # torch threads per actor
     root = str(Path(__file__).resolve().parents[2])
     env = {"PYTHONPATH": os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)}
     if "GPTQMODEL_CPU_WORKERS" in os.environ:
         env["GPTQMODEL_CPU_WORKERS"] = os.environ["GPTQMODEL_CPU_WORKERS"]
     with _Ray() as ray:
         calib_ref = ray.put(calib)
-        remote = ray.remote(QuantWorker).options(num_cpus=threads, num_gpus=1 if gpus else 0, max_restarts=0,
-                                                  runtime_env={"env_vars": env})
-        actors = [remote.remote(calib_ref, threads or 1) for _ in range(workers)]
+        remote = ray.remote(QuantWorker).options(num_cpus=0 if gpus else threads, num_gpus=1 if gpus else 0,
+                                                  max_restarts=0, runtime_env={"env_vars": env})
+        actors = [remote.remote(calib_ref, threads) for _ in range(workers)]
         queue, running, records = list(jobs), {}, {}
         t0 = time.time()
         while queue or running:
@@ -344,8 +357,7 @@ def quantize_many(cfg, sources: list[Path], out: Path, workers: int | None = Non
 
     from refinery.quantize.gptq import tokenize_calibration
 
-    if workers is not None and workers < 1:
-        raise ConfigError(f"--workers: got {workers}, expected an integer >= 1")
+    check_workers(workers)
     p = plan(cfg, sources, out, method, data, sweep)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

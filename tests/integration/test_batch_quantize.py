@@ -63,20 +63,24 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
-def batch(tmp_path_factory, ray_local, tiny_teacher, tiny_student, write_train_data):
-    from refinery.quantize.batch import quantize_many
-
+def sources(tmp_path_factory, tiny_teacher, tiny_student, write_train_data):
+    """Two run dirs with real adapters (seeds 0, 1); the first also holds generate/data.jsonl."""
     root = tmp_path_factory.mktemp("batchq")
     runs = [root / "runs" / "alpha", root / "runs" / "beta"]
     for seed, run in enumerate(runs):
         _write_adapter(tiny_student, run, seed)
     write_train_data(runs[0])  # calibration rows: the first run dir's generate/data.jsonl
     cfg = load(None, _overrides(tiny_student, tiny_teacher))
-    out = root / "out"
-    t0 = time.time()
-    records = quantize_many(cfg, runs, out, workers=1, method="gptq")
-    return SimpleNamespace(root=root, runs=runs, cfg=cfg, out=out, records=records, wall=time.time() - t0,
-                           student=tiny_student, teacher=tiny_teacher)
+    return SimpleNamespace(root=root, runs=runs, cfg=cfg, out=root / "out", student=tiny_student,
+                           teacher=tiny_teacher)
+
+
+@pytest.fixture(scope="module")
+def batch(sources, ray_local):
+    from refinery.quantize.batch import quantize_many
+
+    sources.records = quantize_many(sources.cfg, sources.runs, sources.out, workers=1, method="gptq")
+    return sources
 
 
 def _logits(model, tokenizer, text=TEXT):
@@ -170,30 +174,32 @@ def test_rtn_loads_differs_from_gptq_both_close_to_float(batch):
             assert (out["rtn"] - out["gptq"]).abs().max() > 1e-3, f"{name}: RTN and GPTQ wrote the same weights"
 
 
-def test_bad_inputs_fail_before_any_work(batch, tmp_path):
+def test_bad_inputs_fail_before_any_work(sources, tmp_path):
     from refinery.quantize.batch import main, quantize_many, sweep_sources
 
     out = tmp_path / "out"
     empty = tmp_path / "empty"
     empty.mkdir()
-    cfg = batch.cfg
+    cfg = sources.cfg
     with pytest.raises(FileNotFoundError, match=r"checkpoint .*nope: no such directory"):
-        quantize_many(cfg, [batch.runs[0], tmp_path / "nope"], out)
+        quantize_many(cfg, [sources.runs[0], tmp_path / "nope"], out)
     with pytest.raises(ConfigError, match=r"checkpoint .*empty has no LoRA adapter .* and no float model"):
         quantize_many(cfg, [empty], out)
+    with pytest.raises(ConfigError, match=r"--workers: got 99, expected an integer from 1 to \d+"):
+        quantize_many(cfg, [sources.runs[0]], out, workers=99)
     with pytest.raises(ConfigError, match=r"bits: got 5, expected 3, 4 or 8"):
-        load(None, _overrides(batch.student, batch.teacher, "quantize.bits=5"))
-    bad_group = load(None, _overrides(batch.student, batch.teacher, "quantize.group_size=128"))
+        load(None, _overrides(sources.student, sources.teacher, "quantize.bits=5"))
+    bad_group = load(None, _overrides(sources.student, sources.teacher, "quantize.group_size=128"))
     with pytest.raises(ConfigError, match=r"group_size: 128 does not divide the input width 576 .*valid group "
                                           r"sizes for this model: -1, 16, 32, 64"):
-        quantize_many(bad_group, [batch.runs[0]], out)
+        quantize_many(bad_group, [sources.runs[0]], out)
     clash = tmp_path / "other" / "alpha"
-    shutil.copytree(batch.runs[0] / "distill", clash / "distill")
+    shutil.copytree(sources.runs[0] / "distill", clash / "distill")
     with pytest.raises(ConfigError, match=r"two checkpoints would write .*alpha"):
-        quantize_many(cfg, [batch.runs[0], clash], out)
+        quantize_many(cfg, [sources.runs[0], clash], out)
     with pytest.raises(ConfigError, match=r"--sweep .*: no runs/ directory"):
         sweep_sources(tmp_path)
     config = tmp_path / "cfg.yaml"
-    config.write_text(f"models:\n  student:\n    path: {batch.student}\n")
+    config.write_text(f"models:\n  student:\n    path: {sources.student}\n")
     assert main([str(config), "--checkpoints", str(empty), "--out", str(out)]) == 2
     assert not out.exists()  # nothing was created for any of them
