@@ -180,6 +180,11 @@ stop_ray() {
 
 finish() {  # finish EXIT_CODE: stop Ray, requeue after USR1, exit
   stop_ray
+  if [ -n "$got_signal" ] && [ "$1" != 0 ]; then
+    # the driver may die with its Ray (Slurm signals both) before it can exit 128+signal itself
+    log "driver exit $1 after SIG$got_signal"
+    set -- $((128 + $(kill -l "$got_signal")))
+  fi
   if [ "$got_signal" = USR1 ] && [ "$requeue_on_usr1" = 1 ]; then
     log "time limit near: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" || log "scontrol requeue failed"
@@ -214,6 +219,11 @@ head_node=${{nodes[0]}}
 head_ip=$(hostname -I 2>/dev/null | awk '{{print $1}}')
 [ -n "$head_ip" ] || head_ip=$(hostname --ip-address | awk '{{print $1}}')
 ray_address="$head_ip:{port}"
+# On SIGTERM (requeue, preemption) Slurm signals every process of the job at once. A Ray worker
+# that exits SIGKILLs its child processes by default, so a trial's chain (a child of its worker)
+# would die before it can checkpoint the step it is in: keep the children; they get the SIGTERM
+# themselves (and from their parent's death), checkpoint and exit.
+export RAY_kill_child_processes_on_worker_exit=0
 log "starting Ray head on $head_node ($ray_address)"
 srun --nodes=1 --ntasks=1 --cpus-per-task={cpus}{step_gres} -w "$head_node" \
   ray start --head --block --node-ip-address="$head_ip" --port={port} --num-cpus={cpus} --num-gpus={gpus}{head_args} &

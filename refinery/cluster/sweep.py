@@ -156,7 +156,10 @@ def run_sweep(path: str, overrides: list[str] = (), address: str | None = None) 
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            # "local": a new Ray of our own, never another cluster that happens to run on this machine
+            # "local": a new Ray of our own, never another cluster that happens to run on this machine.
+            # Ray workers SIGKILL their children when they exit; a trial's chain must instead get the
+            # SIGTERM and checkpoint (it dies with its parent anyway: PDEATHSIG).
+            os.environ.setdefault("RAY_kill_child_processes_on_worker_exit", "0")
             ray.init(address="local", num_cpus=(os.cpu_count() or 1) + ray_train, _temp_dir=_ray_temp(sweep_dir),
                      include_dashboard=False, log_to_driver=False)
         try:

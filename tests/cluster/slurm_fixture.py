@@ -119,8 +119,8 @@ SlurmctldPidFile={c.root}/slurmctld.pid
 SlurmdPidFile={c.root}/slurmd.pid
 SlurmctldLogFile={c.root}/log/slurmctld.log
 SlurmdLogFile={c.root}/log/slurmd.log
-# quick tests: short kill wait after SIGTERM, frequent scheduling
-KillWait=10
+# KillWait: Slurm's default grace between SIGTERM and SIGKILL; frequent scheduling for quick tests
+KillWait=30
 MinJobAge=600
 SchedulerParameters=sched_interval=2
 NodeName={c.node} CPUs={c.cpus} State=UNKNOWN
