@@ -203,3 +203,23 @@ def test_bad_inputs_fail_before_any_work(sources, tmp_path):
     config.write_text(f"models:\n  student:\n    path: {sources.student}\n")
     assert main([str(config), "--checkpoints", str(empty), "--out", str(out)]) == 2
     assert not out.exists()  # nothing was created for any of them
+
+
+def test_sweep_dir_gives_finished_runs_and_shared_data(sources, tmp_path, write_train_data):
+    """A sweep's layout: runs/<key>-r<k>/ (a trial still distilling is left out), data in shared/generate."""
+    from refinery.quantize.batch import plan, sweep_sources
+
+    sweep = tmp_path / "sweep"
+    for k, run in enumerate(sources.runs):
+        shutil.copytree(run / "distill", sweep / "runs" / f"abc123-r{k}" / "distill")
+    (sweep / "runs" / "def456-r0" / "distill" / "checkpoints").mkdir(parents=True)  # no adapter, no manifest
+    write_train_data(sweep / "shared", per_task=6)
+    runs = sweep_sources(sweep)
+    assert [r.name for r in runs] == ["abc123-r0", "abc123-r1"]
+    p = plan(sources.cfg, runs, tmp_path / "out", method="rtn", sweep=sweep)
+    assert p["data"] == str(sweep / "shared" / "generate" / "data.jsonl")
+    assert [j["name"] for j in p["jobs"]] == ["abc123-r0", "abc123-r1"]
+    assert {j["config"]["method"] for j in p["jobs"]} == {"rtn"} and len({j["hash"] for j in p["jobs"]}) == 2
+    assert all(j["adapter"].endswith("distill/adapter") and j["base"] == sources.student for j in p["jobs"])
+    held_out = p["jobs"][0]["held_out"]  # 12 rows: 3 held out (a quarter), 8 of the rest calibrate
+    assert len(held_out) == 3 and len(p["calib_texts"]) == 8 and not set(held_out) & set(p["calib_texts"])
