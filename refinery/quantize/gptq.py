@@ -37,7 +37,9 @@ def run(ctx: Context, cfg: QuantizeConfig) -> Result:
 
         return qat_export.run(ctx, cfg)
     adapter = ctx.stage_dir("distill") / "adapter"
-    check_adapter(adapter)
+    full = (ctx.stage_dir("distill") / "model").is_dir()  # distill.qat.full_finetune: no adapter
+    if not full:
+        check_adapter(adapter)
     if (ctx.stage_dir("distill") / "qat.json").is_file():
         log.warning("quantize: the student was trained with distill.qat but quantize.method=gptq recomputes the "
                     "grid; quantize.method=qat_rtn exports the grid it trained on")
@@ -48,7 +50,12 @@ def run(ctx: Context, cfg: QuantizeConfig) -> Result:
     widths = quantizable_widths(student, trust)
     check_group_size(widths, cfg.group_size)  # fail before the merge, not after it
     out = ctx.stage_dir("quantize")
-    merged = merge_lora(student, adapter, out / "merged", cfg.merge_dtype, trust)
+    if full:
+        from refinery.quantize.qat_export import trained_student
+
+        merged = trained_student(ctx.stage_dir("distill"), student, out / "merged", cfg.merge_dtype, trust)
+    else:
+        merged = merge_lora(student, adapter, out / "merged", cfg.merge_dtype, trust)
     stats = quantize_model(merged, out / "gptq", cfg, calib, trust)
     error = measure_error(merged, out / "gptq", held_out, cfg.calibration_max_len, trust)
     merged_bytes, gptq_bytes = dir_bytes(merged), dir_bytes(out / "gptq")

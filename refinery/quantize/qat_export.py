@@ -24,7 +24,7 @@ from refinery.core.manifest import atomic_path, dir_bytes
 from refinery.core.models import resolve_models
 from refinery.core.stage import Context, Result
 from refinery.quantize.config import QuantizeConfig
-from refinery.quantize.merge import check_adapter, merge_lora
+from refinery.quantize.merge import merge_lora
 from refinery.quantize.shapes import in_layers, quantizable_widths, safetensors_bytes
 
 log = logging.getLogger("refinery.quantize")
@@ -90,9 +90,10 @@ def quantization_config(spec: dict) -> dict:
             "meta": {"quantizer": ["refinery:qat_rtn"], "static_groups": False, "true_sequential": True}}
 
 
-def export(student: str, adapter_dir: str | Path, out_dir: str | Path, spec: dict, dtype: str = "bfloat16",
-           trust_remote_code: bool = False) -> dict:
-    """Write the GPTQ checkpoint of base `student` + the QAT adapter at `out_dir` (atomically)."""
+def export(student: str, adapter_dir: str | Path | None, out_dir: str | Path, spec: dict, dtype: str = "bfloat16",
+           trust_remote_code: bool = False, tokenizer_from: str | None = None) -> dict:
+    """Write the GPTQ checkpoint of base `student` + the QAT adapter at `out_dir` (atomically).
+    adapter_dir None: `student` is itself the trained model (distill.qat.full_finetune's distill/model)."""
     from peft import PeftModel
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,11 +101,13 @@ def export(student: str, adapter_dir: str | Path, out_dir: str | Path, spec: dic
     from refinery.train.qat import base_linear, effective_weight, quant_targets, quantize
 
     started = time.time()
-    base = AutoModelForCausalLM.from_pretrained(student, dtype=getattr(torch, spec["dtype"]),
-                                                trust_remote_code=trust_remote_code)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    inner = model.get_base_model()
-    prefix = "base_model.model."
+    # LoRA: the frozen base in the dtype it trained in. Full fine-tuning: float32 holds both the trained
+    # float32 linears and the distill.dtype rest exactly.
+    load_dtype = getattr(torch, spec["dtype"] if adapter_dir else "float32")
+    base = AutoModelForCausalLM.from_pretrained(student, dtype=load_dtype, trust_remote_code=trust_remote_code)
+    model = (PeftModel.from_pretrained(base, str(adapter_dir)) if adapter_dir else base).eval()
+    inner = model.get_base_model() if adapter_dir else model
+    prefix = "base_model.model." if adapter_dir else ""
     targets = {name.removeprefix(prefix): m for name, m in quant_targets(model).items()}
     tensors = {}
     with torch.no_grad():
@@ -129,7 +132,7 @@ def export(student: str, adapter_dir: str | Path, out_dir: str | Path, spec: dic
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         (tmp / "quantize_config.json").write_text(json.dumps(quantization_config(spec), indent=2) + "\n")
-        AutoTokenizer.from_pretrained(student, trust_remote_code=trust_remote_code).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(tokenizer_from or student, trust_remote_code=trust_remote_code).save_pretrained(tmp)
         (tmp / "refinery_quantize.json").write_text(json.dumps({"method": "qat_rtn", "grid": spec,
                                                                 "source": str(student),
                                                                 "adapter": str(adapter_dir)}, indent=2) + "\n")
@@ -139,13 +142,26 @@ def export(student: str, adapter_dir: str | Path, out_dir: str | Path, spec: dic
             "quantized_layers_bytes": safetensors_bytes(out_dir, in_layers(widths))}
 
 
+def trained_student(distill: Path, student: str, out_dir: Path, dtype: str, trust_remote_code: bool = False) -> Path:
+    """The float trained student as an HF dir at `out_dir`: the LoRA adapter merged into `student`,
+    or (distill.qat.full_finetune) distill/model/ re-saved in `dtype` with the student's tokenizer."""
+    full = Path(distill) / "model"
+    if not full.is_dir():
+        return merge_lora(student, Path(distill) / "adapter", out_dir, dtype, trust_remote_code)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(full, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(student, trust_remote_code=trust_remote_code).save_pretrained(tmp)
+    return Path(out_dir)
+
+
 def run(ctx: Context, cfg: QuantizeConfig) -> Result:
     """The quantize stage for quantize.method=qat_rtn: merged float student + the grid's GPTQ checkpoint."""
     from refinery.quantize.gptq import load_rows, measure_error, split_texts
 
     distill = ctx.stage_dir("distill")
-    adapter = distill / "adapter"
-    check_adapter(adapter)
     spec = read_spec(distill)
     check_grid(cfg, spec)
     _, held_out = split_texts(load_rows(ctx.stage_dir("generate") / "data.jsonl"), cfg.calibration_samples,
@@ -153,8 +169,12 @@ def run(ctx: Context, cfg: QuantizeConfig) -> Result:
     _, student = resolve_models(ctx.models)
     trust = ctx.models.trust_remote_code
     out = ctx.stage_dir("quantize")
-    merged = merge_lora(student, adapter, out / "merged", cfg.merge_dtype, trust)
-    stats = export(student, adapter, out / "gptq", spec, cfg.dtype, trust)
+    merged = trained_student(distill, student, out / "merged", cfg.merge_dtype, trust)
+    full = distill / "model"
+    if full.is_dir():
+        stats = export(str(full), None, out / "gptq", spec, cfg.dtype, trust, tokenizer_from=student)
+    else:
+        stats = export(student, distill / "adapter", out / "gptq", spec, cfg.dtype, trust)
     error = measure_error(merged, out / "gptq", held_out, cfg.calibration_max_len, trust)
     merged_bytes = dir_bytes(merged)
     layers_fp = safetensors_bytes(merged, in_layers(quantizable_widths(merged, trust)))

@@ -142,6 +142,9 @@ class QatConfig:
     ov-freeze = [o_proj, v_proj]."""
     diag_every: int = 10
     """Record per-layer quantization error and per-projection gradient norms every this many steps (0 = off)."""
+    full_finetune: bool = False
+    """Train the decoder's linear weights themselves (held in float32) instead of LoRA, for small students;
+    distill writes `distill/model/` (an HF checkpoint) instead of `distill/adapter/`, lora.* is unused."""
 
     def __post_init__(self):
         check(2 <= self.bits <= 8, "bits", self.bits, "an integer in 2..8")
@@ -184,12 +187,14 @@ class DistillConfig:
         for name in ("steps", "batch_size", "grad_accum", "max_seq_len", "checkpoint_every", "keep_checkpoints"):
             check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
         if self.qat.enabled:
-            check(self.lora.dropout == 0, "lora.dropout", self.lora.dropout,
+            check(not (self.qat.full_finetune and self.parallel.strategy == "deepspeed"), "qat.full_finetune", True,
+                  "false under parallel.strategy=deepspeed (not supported; use ddp)")
+            check(self.qat.full_finetune or self.lora.dropout == 0, "lora.dropout", self.lora.dropout,
                   "0 with qat.enabled (the LoRA update is quantized together with W, so x cannot be dropped "
                   "on the LoRA path alone)")
-            left = [t for t in self.lora.targets if t not in self.qat.freeze]
-            check(bool(left), "qat.freeze", self.qat.freeze, f"fewer projections than lora.targets {self.lora.targets} "
-                  "(nothing would train)")
+            train = PROJECTIONS if self.qat.full_finetune else self.lora.targets
+            left = [t for t in train if t not in self.qat.freeze]
+            check(bool(left), "qat.freeze", self.qat.freeze, f"fewer projections than {list(train)} (nothing would train)")
             check(not (self.parallel.strategy == "deepspeed" and self.parallel.zero_stage == 3), "qat.enabled",
                   True, "false under parallel.strategy=deepspeed with zero_stage=3 (ZeRO-3 gathers a layer's weights "
                   "only for its own forward, which QAT replaces); use zero_stage 2, ddp or fsdp2")

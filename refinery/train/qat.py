@@ -11,7 +11,7 @@ writes (`refinery/quantize/qat_export.py`): scales rounded to float16 as GPTQ st
 symmetric zero of 2^(bits-1), an asymmetric zero in [1, 2^bits - 1] (GPTQ v1 stores zero - 1;
 a group whose min/max zero would be 0 gets the range [-scale, max] instead). Nothing is clipped.
 Frozen projections (`distill.qat.freeze`) get no LoRA, so only their fixed quantized weight is
-used. Diagnostics (every `diag_every` steps): each layer's relative quantization error and the
+used. With `full_finetune` the linear weights themselves train (float32), no LoRA. Diagnostics (every `diag_every` steps): each layer's relative quantization error and the
 gradient norm reaching each quantized weight, in `distill/qat_diagnostics.jsonl` and two PNGs.
 """
 from __future__ import annotations
@@ -164,6 +164,16 @@ def attach(model: torch.nn.Module, cfg) -> QatState:
         # replaced by one matmul with the quantized sum, so the LoRA update is quantized with W.
         m.forward = (lambda x, *a, _n=name, _m=m, **k: state.forward(_n, _m, x, *a, **k))
     return state
+
+
+def prepare_full_finetune(model: torch.nn.Module, cfg) -> torch.nn.Module:
+    """Full fine-tuning: every decoder linear weight not in cfg.freeze becomes a trainable float32
+    Parameter (Muon takes it); everything else (embeddings, norms, frozen projections) is frozen."""
+    model.requires_grad_(False)
+    for name, m in quant_targets(model).items():
+        if name.rsplit(".", 1)[-1] not in cfg.freeze:
+            m.weight = torch.nn.Parameter(m.weight.detach().float(), requires_grad=True)
+    return model
 
 
 def write_spec(path: Path, cfg, dtype: str) -> None:

@@ -91,6 +91,10 @@ def load_models(ctx: Context, cfg: DistillConfig, dev: torch.device, with_teache
             raise ValueError(f"teacher {teacher_path} has {t_vocab} output logits, student {student_path} has "
                              f"{s_vocab}: logit distillation needs the same tokenizer (pick a student of the "
                              "teacher's family, or leave models.student.path empty to derive one)")
+    if cfg.qat.enabled and cfg.qat.full_finetune:  # the linear weights themselves train, no LoRA
+        from refinery.train.qat import prepare_full_finetune
+
+        return prepare_full_finetune(base, cfg.qat).to(dev), teacher, tok, (teacher_path, student_path)
     torch.manual_seed(ctx.seed)  # LoRA A init
     targets = list(cfg.lora.targets)
     if cfg.qat.enabled:  # frozen projections (ov-freeze) train nothing: no LoRA on them
@@ -325,12 +329,18 @@ def train(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) ->
     metrics.update(world_size=s.world.size, strategy=s.world.strategy)
     if end < cfg.steps:
         return Result({**metrics, "stopped_at": end}, ["metrics.jsonl", "checkpoints"])
-    save_adapter(s, out / "adapter")
-    outputs = ["adapter", "metrics.jsonl", "checkpoints"]
+    full = cfg.qat.enabled and cfg.qat.full_finetune
+    saved, stale = ("model", "adapter") if full else ("adapter", "model")
+    (save_model if full else save_adapter)(s, out / saved)
+    if main and (out / stale).is_dir():  # quantize picks model/ or adapter/: never one from an older run
+        import shutil
+
+        shutil.rmtree(out / stale)
+    outputs = [saved, "metrics.jsonl", "checkpoints"]
     if main:
         outputs += _qat_outputs(s, cfg, out)
-    log.info("distill: loss %.4f -> %.4f over %d steps; adapter in %s", metrics["first_loss"],
-             metrics["last_loss"], metrics["steps"], out / "adapter")
+    log.info("distill: loss %.4f -> %.4f over %d steps; %s in %s", metrics["first_loss"],
+             metrics["last_loss"], metrics["steps"], saved, out / saved)
     return Result(metrics, outputs)
 
 
@@ -358,6 +368,17 @@ def save_adapter(s: Setup, path: Path) -> None:
         gather = deepspeed.zero.GatheredParameters([p for _, p in trainable])
     with gather:
         full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone() for n, p in trainable}
+    if s.world.main:
+        with atomic_path(path) as tmp:
+            s.model.save_pretrained(tmp, state_dict=full)
+    s.world.barrier()
+
+
+def save_model(s: Setup, path: Path) -> None:
+    """distill.qat.full_finetune: the whole student as an HF checkpoint (trained linears float32, the
+    rest in distill.dtype), gathered from shards; rank 0 writes."""
+    full = {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
+            for n, t in s.model.state_dict().items()}
     if s.world.main:
         with atomic_path(path) as tmp:
             s.model.save_pretrained(tmp, state_dict=full)

@@ -193,3 +193,41 @@ def test_ddp_two_ranks_train_like_one(qat_run, tmp_path, write_train_data):
     assert rel[0] <= 1e-5 and max(rel) <= 1e-2, rel
     assert two[-1]["loss"] < 0.6 * two[0]["loss"]  # and it trains (measured 39.9 -> 14.9)
     assert (tmp_path / "ddp" / "distill" / "qat.json").is_file()
+
+
+def test_full_finetune_with_freeze_and_export(tmp_path, tiny_teacher, tiny_student, write_train_data):
+    """distill.qat.full_finetune: the linear weights themselves train (float32), frozen ones stay
+    bit-identical, distill writes model/ (no adapter), and qat_rtn exports its grid exactly."""
+    import torch
+    from safetensors.torch import load_file
+
+    from refinery.quantize.load import load_quantized
+    from refinery.train import qat
+
+    run = tmp_path / "full"
+    write_train_data(run, per_task=6)
+    over = [f"run_dir={run}", f"models.teacher={tiny_teacher}", f"models.student.path={tiny_student}",
+            "tasks.names=[siqa, strategyqa]", "distill.steps=3", "distill.batch_size=2", "distill.max_seq_len=32",
+            "distill.dtype=float32", "distill.optim.lr=0.01", "distill.qat.enabled=true",
+            "distill.qat.full_finetune=true", "distill.qat.freeze=[o_proj,v_proj]", "distill.qat.diag_every=0",
+            *[f"quantize.{k}={v}" for k, v in QUANT.items()]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = load(None, over)
+    run_stage(cfg, "distill")
+    run_stage(cfg, "quantize")
+    torch.set_num_threads(threads)
+    assert (run / "distill" / "model").is_dir() and not (run / "distill" / "adapter").exists()
+    base = load_file(next(Path(tiny_student).glob("*.safetensors")))
+    trained = load_file(run / "distill" / "model" / "model.safetensors")
+    linears = [k for k in base if k.endswith("proj.weight")]
+    assert len(linears) == 14
+    for k in linears:
+        frozen = any(p in k for p in FREEZE)
+        assert torch.equal(trained[k].float(), base[k].float()) == frozen, k
+        assert trained[k].dtype == (torch.float32 if not frozen else base[k].dtype)
+    assert torch.equal(trained["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    loaded = dict(load_quantized(run / "quantize" / "gptq", dtype="float32").named_modules())
+    for k in linears:
+        w = qat.fake_quant(trained[k].float(), 4, 64)
+        assert torch.equal(loaded[k.removesuffix(".weight")].dequantize_weight().T.float(), w.half().float()), k

@@ -178,6 +178,11 @@ def test_qat_constraints_name_the_field():
         load(None, ["distill.qat.enabled=true", "distill.lora.dropout=0.1"])
     with pytest.raises(ConfigError, match=r"distill\.qat\.freeze"):
         load(None, ["distill.qat.enabled=true", "distill.lora.targets=[o_proj]", "distill.qat.freeze=[o_proj]"])
+    with pytest.raises(ConfigError, match=r"distill\.qat\.full_finetune"):
+        load(None, ["distill.qat.enabled=true", "distill.qat.full_finetune=true", "distill.parallel.strategy=deepspeed"])
+    with pytest.raises(ConfigError, match=r"distill\.qat\.freeze"):
+        load(None, ["distill.qat.enabled=true", "distill.qat.full_finetune=true", "distill.qat.freeze=[" +
+                    ",".join(qat.PROJECTIONS) + "]"])
     with pytest.raises(ConfigError, match=r"distill\.qat\.enabled"):
         load(None, ["distill.qat.enabled=true", "distill.parallel.strategy=deepspeed", "distill.parallel.zero_stage=3"])
 
@@ -199,3 +204,10 @@ def test_stage_hashes():
     assert h("distill.qat.diag_every=5") == h()  # disabled settings do not matter
     qat_h, ov_h = h("distill.qat.enabled=true"), h("distill.qat.enabled=true", "distill.qat.freeze=[o_proj,v_proj]")
     assert len({h(), qat_h, ov_h}) == 3
+
+
+def test_full_finetune_trains_linears_in_float32():
+    model = qat.prepare_full_finetune(_tiny_llama().to(torch.bfloat16), QatConfig(enabled=True, freeze=["o_proj"]))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == 12 and all(p.dtype == torch.float32 for p in trainable.values())
+    assert not any("o_proj" in n or "embed" in n or "norm" in n for n in trainable)
