@@ -9,7 +9,8 @@ same data for the same steps, then runs each stage as its own process (`refinery
 - plain:  distill (LoRA, float) -> quantize (GPTQ W4 g64 sym) -> evaluate student + student_quant
           = the float student and the PTQ student;
 - qat:    distill with distill.qat.enabled (W4 g64 sym) -> quantize.method=qat_rtn -> evaluate student_quant;
-- qat_ov: as qat with distill.qat.freeze=[o_proj,v_proj] (ov-freeze).
+- qat_ov: as qat with distill.qat.freeze=[o_proj,v_proj] (ov-freeze);
+- rtn:    plain's float student, quantize.method=rtn (round-to-nearest, no calibration, no QAT).
 All are scored on the same held-out items; differences against the PTQ student are paired per item.
 """
 from __future__ import annotations
@@ -28,7 +29,9 @@ QAT = ["distill.qat.enabled=true", "distill.qat.bits=4", "distill.qat.group_size
        "quantize.method=qat_rtn"]
 ARMS = {"plain": ([], ["evaluate.models=[student,student_quant]"]),
         "qat": (QAT, ["evaluate.models=[student_quant]"]),
-        "qat_ov": (QAT + ["distill.qat.freeze=[o_proj,v_proj]"], ["evaluate.models=[student_quant]"])}
+        "qat_ov": (QAT + ["distill.qat.freeze=[o_proj,v_proj]"], ["evaluate.models=[student_quant]"]),
+        # the plain run's float student, round-to-nearest (GPTQModel's RTN) on the same W4 g64 grid
+        "rtn": (["quantize.method=rtn"], ["evaluate.models=[student_quant]"])}
 COMMON = ["quantize.bits=4", "quantize.group_size=64", "quantize.sym=true", "evaluate.latency.enabled=false"]
 
 
@@ -49,14 +52,47 @@ def run_all(src: Path, prefix: str, extra: list[str], arms: list[str]) -> None:
         run_dir.mkdir(parents=True)
         shutil.copytree(src / "generate", run_dir / "generate")
         over = COMMON + train_over + extra
-        walls = {s: stage(run_dir, s, over + (eval_over if s == "evaluate" else []))
-                 for s in ("distill", "quantize", "evaluate")}
+        stages = ("distill", "quantize", "evaluate")
+        if arm == "rtn":  # same trained student as plain: reuse its distill stage (run plain first)
+            shutil.copytree(Path(f"{prefix}-plain") / "distill", run_dir / "distill")
+            stages = stages[1:]
+        walls = {s: stage(run_dir, s, over + (eval_over if s == "evaluate" else [])) for s in stages}
         (run_dir / "bench.json").write_text(json.dumps({"overrides": over + eval_over, "wall_s": walls}, indent=1))
 
 
-def samples(run_dir: Path, model: str) -> dict:
+def samples(run_dir: Path, model: str, field: str = "acc") -> dict:
     path = run_dir / "evaluate" / "lmeval" / f"{model}_samples.jsonl"
-    return {(r["task"], r["item_id"]): r["acc"] for r in map(json.loads, path.read_text().splitlines())}
+    return {(r["task"], r["item_id"]): (r if field == "*" else r[field])
+            for r in map(json.loads, path.read_text().splitlines())}
+
+
+def fidelity(prefix: str, src: Path) -> list[str]:
+    """Agreement with the teacher's choice and the gold answer's log-likelihood (the --from run's
+    teacher predictions on the same items), paired against the PTQ student: at 135M accuracy is
+    near chance for every model, these two still separate them."""
+    teacher = samples(src, "teacher", "*")
+    arms = {"float student": samples(Path(f"{prefix}-plain"), "student", "*"),
+            "PTQ GPTQ": samples(Path(f"{prefix}-plain"), "student_quant", "*"),
+            "KD-QAT": samples(Path(f"{prefix}-qat"), "student_quant", "*"),
+            "KD-QAT + ov-freeze": samples(Path(f"{prefix}-qat_ov"), "student_quant", "*")}
+    if (Path(f"{prefix}-rtn") / "evaluate" / "manifest.json").is_file():
+        arms["PTQ RTN (no QAT)"] = samples(Path(f"{prefix}-rtn"), "student_quant", "*")
+    keys = [k for k in arms["PTQ GPTQ"] if k in teacher]
+
+    def choice(r):
+        ll = r["loglikelihoods"]
+        return max(range(len(ll)), key=ll.__getitem__)
+
+    agree = {n: [float(choice(a[k]) == choice(teacher[k])) for k in keys] for n, a in arms.items()}
+    gold = {n: [a[k]["loglikelihoods"][a[k]["target"]] for k in keys] for n, a in arms.items()}
+    rows = [f"| model ({len(keys)} items) | agreement with teacher | - PTQ (paired se) | gold log-lik (nats) | "
+            "- PTQ (paired se) |", "|---|---:|---:|---:|---:|"]
+    for n in arms:
+        da = mean_se([x - y for x, y in zip(agree[n], agree["PTQ GPTQ"])])
+        dg = mean_se([x - y for x, y in zip(gold[n], gold["PTQ GPTQ"])])
+        rows.append(f"| {n} | {sum(agree[n]) / len(keys):.3f} | {da[0]:+.3f} ({da[1]:.3f}) | "
+                    f"{sum(gold[n]) / len(keys):.2f} | {dg[0]:+.2f} ({dg[1]:.2f}) |")
+    return rows
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
@@ -70,6 +106,8 @@ def table(prefix: str) -> list[str]:
             "PTQ: GPTQ W4 g64": samples(runs["plain"], "student_quant"),
             "KD-QAT W4 g64 (RTN export)": samples(runs["qat"], "student_quant"),
             "KD-QAT + ov-freeze W4 g64": samples(runs["qat_ov"], "student_quant")}
+    if (runs["rtn"] / "evaluate" / "manifest.json").is_file():
+        arms["PTQ: RTN W4 g64 (no QAT)"] = samples(runs["rtn"], "student_quant")
     ref = arms["PTQ: GPTQ W4 g64"]
     keys = sorted(ref)
     assert all(a.keys() == ref.keys() for a in arms.values()), "the arms scored different items"
@@ -87,11 +125,13 @@ def table(prefix: str) -> list[str]:
     rows += ["| run | distill loss first -> last | s/step | quantize KL vs its float student | wall s (distill / quantize / evaluate) |",
              "|---|---|---:|---:|---|"]
     for arm, run_dir in runs.items():
+        if not (run_dir / "bench.json").is_file():
+            continue
         d = json.loads((run_dir / "distill" / "manifest.json").read_text())["metrics"]
         q = json.loads((run_dir / "quantize" / "manifest.json").read_text())["metrics"]
         w = json.loads((run_dir / "bench.json").read_text())["wall_s"]
         rows.append(f"| {arm} | {d['first_loss']:.2f} -> {d['last_loss']:.2f} | {d['s_per_step']} | {q['kl_mean']:.4f} | "
-                    f"{w['distill']:.0f} / {w['quantize']:.0f} / {w['evaluate']:.0f} |")
+                    f"{w.get('distill', 0):.0f} / {w['quantize']:.0f} / {w['evaluate']:.0f} |")
     return rows
 
 
@@ -100,14 +140,14 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every arm (e.g. distill.steps=60)")
     p.add_argument("--from", dest="src", default="runs/bench-quickstart", help="finished run whose generate/ is reused")
     p.add_argument("--prefix", default="runs/qat-compare", help="run dirs are PREFIX-plain, PREFIX-qat, PREFIX-qat_ov")
-    p.add_argument("--arms", default=",".join(ARMS), help="which runs to (re)make")
+    p.add_argument("--arms", default=",".join(ARMS), help="which runs to (re)make (rtn reuses plain's distill)")
     p.add_argument("--no-run", action="store_true", help="only print the table of existing runs")
     args = p.parse_args()
     if not args.no_run:
         t0 = time.time()
         run_all(Path(args.src), args.prefix, args.overrides, args.arms.split(","))
         print(f"\nwhole benchmark: {time.time() - t0:.0f} s")
-    print("\n".join(table(args.prefix)))
+    print("\n".join(table(args.prefix) + [""] + fidelity(args.prefix, Path(args.src))))
     return 0
 
 
