@@ -39,7 +39,7 @@ def stage(run_dir: Path, name: str, overrides: list[str]) -> float:
     cmd = [sys.executable, "-m", "refinery.launch.cli", name, CONFIG, f"run_dir={run_dir}", *overrides]
     print("+", " ".join(cmd), flush=True)
     t0 = time.time()
-    if subprocess.run(cmd).returncode:
+    if subprocess.run(cmd, check=False).returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}")
     return round(time.time() - t0, 1)
 
@@ -85,8 +85,8 @@ def fidelity(prefix: str, src: Path) -> list[str]:
 
     agree = {n: [float(choice(a[k]) == choice(teacher[k])) for k in keys] for n, a in arms.items()}
     gold = {n: [a[k]["loglikelihoods"][a[k]["target"]] for k in keys] for n, a in arms.items()}
-    rows = [f"| model ({len(keys)} items) | agreement with teacher | - PTQ (paired se) | gold log-lik (nats) | "
-            "- PTQ (paired se) |", "|---|---:|---:|---:|---:|"]
+    rows = [(f"| model ({len(keys)} items) | agreement with teacher | - PTQ (paired se) | gold log-lik (nats) | "
+             "- PTQ (paired se) |"), "|---|---:|---:|---:|---:|"]
     for n in arms:
         da = mean_se([x - y for x, y in zip(agree[n], agree["PTQ GPTQ"])])
         dg = mean_se([x - y for x, y in zip(gold[n], gold["PTQ GPTQ"])])
@@ -120,8 +120,8 @@ def table(prefix: str) -> list[str]:
         d, dse = mean_se([acc[k] - ref[k] for k in keys])
         rows.append(f"| {name} | " + " | ".join(f"{p:.3f}" for p in per) + f" | {m:.3f} ± {se:.3f} | "
                     + ("-" if acc is ref else f"{d:+.3f} ({dse:.3f})") + " |")
-    rows += ["", f"items: {len(keys)} ({', '.join(f'{t} {sum(1 for k in keys if k[0] == t)}' for t in tasks)}); "
-             "mean over all items (micro), stderr of the item mean", ""]
+    counts = ", ".join(f"{t} {sum(1 for k in keys if k[0] == t)}" for t in tasks)
+    rows += ["", f"items: {len(keys)} ({counts}); mean over all items (micro), stderr of the item mean", ""]
     rows += ["| run | distill loss first -> last | s/step | quantize KL vs its float student | wall s (distill / quantize / evaluate) |",
              "|---|---|---:|---:|---|"]
     for arm, run_dir in runs.items():

@@ -75,7 +75,7 @@ def unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 def gptq_tensors(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int) -> dict:
     """qweight, qzeros, scales, g_idx of one layer from qat.quantize's (q, scale, zero) of a (out, in) W."""
-    out_f, in_f = q.shape
+    in_f = q.shape[1]
     g = in_f if group_size == -1 else group_size
     return {"qweight": pack(q.t(), bits, 0),
             "qzeros": pack((zero - 1).t(), bits, 1),  # (groups, out) like scales
@@ -98,7 +98,12 @@ def export(student: str, adapter_dir: str | Path | None, out_dir: str | Path, sp
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from refinery.train.qat import base_linear, effective_weight, quant_targets, quantize
+    from refinery.train.qat import (
+        base_linear,
+        effective_weight,
+        quant_targets,
+        quantize,
+    )
 
     started = time.time()
     # LoRA: the frozen base in the dtype it trained in. Full fine-tuning: float32 holds both the trained

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from refinery.core.manifest import atomic_path
 from refinery.train.config import PROJECTIONS
+
 DIAGNOSTICS = "qat_diagnostics.jsonl"
 SPEC = "qat.json"
 _FP16_TINY = 6.2e-5  # smallest normal float16: scales below would lose precision when stored

@@ -103,7 +103,7 @@ def test_frozen_projections_unchanged(qat_run):
 
     keys = load_file(qat_run.distill / "adapter" / "adapter_model.safetensors").keys()
     assert not [k for k in keys if any(p in k for p in FREEZE)]
-    model, state = _fake_quant_model(qat_run.student, qat_run.distill / "adapter")
+    _, state = _fake_quant_model(qat_run.student, qat_run.distill / "adapter")
     base = dict(AutoModelForCausalLM.from_pretrained(qat_run.student, dtype=torch.float32).named_modules())
     for name, m in state.modules.items():
         before = base[name.removeprefix("base_model.model.")].weight
@@ -117,7 +117,7 @@ def test_export_grid_is_exact(qat_run):
     from refinery.quantize.load import load_quantized
     from refinery.train import qat
 
-    model, state = _fake_quant_model(qat_run.student, qat_run.distill / "adapter")
+    _, state = _fake_quant_model(qat_run.student, qat_run.distill / "adapter")
     loaded = dict(load_quantized(qat_run.out / "gptq", dtype="float32").named_modules())
     assert len(state.modules) == 14
     for name, m in state.modules.items():
@@ -185,7 +185,7 @@ def test_ddp_two_ranks_train_like_one(qat_run, tmp_path, write_train_data):
     path = _yaml(tmp_path, "ddp", qat_run.teacher, qat_run.student, write_train_data)
     cmd = [sys.executable, "-m", "refinery.launch.cli", "distill", str(path), "--nproc", "2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     one = read_jsonl(qat_run.distill / "metrics.jsonl")
     two = read_jsonl(tmp_path / "ddp" / "distill" / "metrics.jsonl")
