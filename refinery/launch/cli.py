@@ -8,6 +8,7 @@
     refinery cluster slurm SWEEP.yaml [--nodes N --time T] [--dry-run]   # sbatch: Ray + sweep driver, requeue
     refinery quantize CONFIG --checkpoints P [P ...] | --sweep DIR --out DIR   # many checkpoints, one job
     refinery evaluate CONFIG --models P [P ...] --out DIR      # vLLM evaluation workers, many models
+    refinery batch CONFIG --checkpoints P [P ...] | --sweep DIR --out DIR    # both, in one job
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="refinery", description="Distill, quantize and evaluate a small student LLM.")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("sweep", help="Bayesian hyperparameter sweep (refinery sweep SWEEP.yaml | status DIR)")
+    sub.add_parser("batch", help="quantize and evaluate many checkpoints in one job (refinery batch CONFIG "
+                                 "--checkpoints P ... --out DIR)")
     sub.add_parser("cluster", help="run a sweep on a cluster (refinery cluster slurm SWEEP.yaml [--nodes N ...] "
                                    "[--dry-run])")
     for name, help_ in [("run", "all stages, skipping those already complete"),
@@ -57,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         from refinery.quantize.batch import main as batch_quantize_main
 
         return batch_quantize_main(argv[1:])
+    if argv[:1] == ["batch"]:  # quantize + evaluate many checkpoints: its own parser
+        from refinery.launch.batch import main as batch_main
+
+        return batch_main(argv[1:])
     if argv[:1] == ["evaluate"] and "--models" in argv:  # evaluation workers: its own parser
         from refinery.evals.batch import main as batch_evaluate_main
 

@@ -1,0 +1,122 @@
+"""`refinery batch`: quantize many checkpoints and score them, in one job on one Ray.
+
+    refinery batch CONFIG --checkpoints P [P ...] --out DIR [--workers N] [--method gptq|rtn] [overrides]
+    refinery batch CONFIG --sweep SWEEP_DIR --out DIR [--no-latency] [quantize.bits=3 ...]
+
+Quantization is `refinery quantize --checkpoints` (refinery.quantize.batch: calibration tokenized
+once, GPTQModel actors) into `<out>/quantize/`; the quantized models are then scored by one pool of
+vLLM evaluation workers (refinery.evals.batch) into `<out>/evaluate/`. `<out>/batch.csv` joins both:
+bytes before/after, quantization error, accuracy, latency per checkpoint. Both halves skip what is
+already complete, so after a kill the same command does only what is left.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import sys
+import time
+from pathlib import Path
+
+from refinery.core.config import ConfigError
+from refinery.core.manifest import atomic_path
+
+COLUMNS = ("name", "bits", "group_size", "bytes_before", "bytes_after", "kl_mean", "quantize_s", "mean_acc",
+           "mean_acc_stderr", "decode_ms", "status")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="refinery batch", description="Quantize and evaluate many checkpoints in one job.")
+    p.add_argument("config", help="pipeline YAML, e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. quantize.bits=3")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoints", nargs="+", metavar="P", help="run dirs, distill dirs, adapter or float model dirs")
+    src.add_argument("--sweep", type=Path, help="a sweep dir: every run with a finished distill stage")
+    p.add_argument("--out", type=Path, required=True, help="output dir: quantize/, evaluate/, batch.csv")
+    p.add_argument("--workers", type=int, default=None, help="Ray actors per half (default: one per GPU; 1 on CPU)")
+    p.add_argument("--method", choices=("gptq", "rtn"), default=None, help="quantization method (default: the config's)")
+    p.add_argument("--data", type=Path, default=None, help="generate/data.jsonl for calibration and error rows")
+    p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure latency and memory (default: evaluate.latency.enabled)")
+    return p
+
+
+def _rows(records: list[dict], results: dict) -> list[dict]:
+    rows = []
+    for r in records:
+        e, err = results.get(r["name"]) or {}, r.get("error") or {}
+        lat = e.get("latency") or {}
+        rows.append({"name": r["name"], "bits": r.get("bits", ""), "group_size": r.get("group_size", ""),
+                     "bytes_before": r.get("bytes_before", ""), "bytes_after": r.get("bytes_after", ""),
+                     "kl_mean": err.get("kl_mean", ""), "quantize_s": r.get("time_s", ""),
+                     "mean_acc": e.get("mean_acc", ""), "mean_acc_stderr": e.get("mean_acc_stderr", ""),
+                     "decode_ms": lat.get("decode_ms_per_token", ""),
+                     "status": r["status"] if r["status"] == "failed" else "done"})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_batch(cfg, sources: list, out: Path, workers: int | None = None, method: str | None = None,
+              data: Path | None = None, sweep: Path | None = None, latency: bool | None = None) -> list[dict]:
+    """Quantize `sources` then score every quantized model; returns the rows of `<out>/batch.csv`."""
+    from refinery.evals.batch import evaluate_many
+    from refinery.quantize.batch import _Ray, quantize_many
+
+    latency = cfg.evaluate.latency.enabled if latency is None else latency
+    log = logging.getLogger("refinery.batch")
+    t0 = time.time()
+    with _Ray():  # one Ray for both halves (each uses an initialized Ray as it finds it)
+        records = quantize_many(cfg, sources, out / "quantize", workers, method, data, sweep)
+        t1 = time.time()
+        models = {r["name"]: r["quant_dir"] for r in records if r["status"] != "failed"}
+        results = evaluate_many(cfg, models, out / "evaluate", workers, latency) if models else {}
+    log.info("batch: quantize %.0f s, evaluate %.0f s, %d checkpoint(s)", t1 - t0, time.time() - t1, len(records))
+    rows = _rows(records, results)
+    write_csv(out / "batch.csv", rows)
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)  # overrides may also follow the options
+    bad = [e for e in extra if e.startswith("-") or "=" not in e]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = list(args.overrides) + extra
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    from refinery.launch.config import load
+    from refinery.quantize.batch import _split_overrides, sweep_sources
+
+    try:
+        cfg = load(args.config, _split_overrides(args))
+        sources = sweep_sources(args.sweep) if args.sweep else args.checkpoints
+        rows = run_batch(cfg, sources, args.out, args.workers, args.method, args.data, args.sweep, args.latency)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"refinery batch: {e}", file=sys.stderr)
+        return 2
+    print("\n" + table(rows))
+    print(f"\noutputs: {args.out}/quantize/<name>/gptq, {args.out}/evaluate/<name>/results.json, {args.out}/batch.csv")
+    return 1 if any(r["status"] == "failed" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

