@@ -6,7 +6,9 @@
 Models: the run's teacher (from its quantize manifest), `quantize/merged` (fp student) and
 `quantize/gptq` (4-bit student), copied to `<out>/models/` first (the run is only read). One
 EvalPool (1 worker on CPU) measures each in turn: decode ms/token median and p90, prefill
-tokens/s at each batch size, peak RSS of the worker since the model was loaded, weight bytes.
+tokens/s at each batch size, peak RSS of the worker since the model was loaded (the same worker
+process serves all three, so it includes what the earlier engines left: RSS before load is shown),
+weight bytes.
 Writes `<out>/<model>.json` and prints a markdown table with the load average around the run.
 """
 from __future__ import annotations
@@ -66,7 +68,7 @@ def main() -> None:
           f"{args.new_tokens} new, {args.repeats} repeats after a warm-up; load avg (1/5/15 min) "
           f"{load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f} before, {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f} after\n")
     head = (["model", "decode ms/tok b1 (p50 / p90)"] + [f"decode ms/step b{b} (p50)" for b in bs[1:]]
-            + [f"prefill tok/s b{b}" for b in bs] + ["peak RSS MB", "weights MB", "load s"])
+            + [f"prefill tok/s b{b}" for b in bs] + ["peak RSS MB", "RSS before load MB", "weights MB", "load s"])
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, m in rows.items():
         b = m["batch"]
@@ -74,7 +76,8 @@ def main() -> None:
         cells += [f"{b[str(x)]['decode_ms_per_token']:.1f}" for x in bs[1:]]
         cells += [f"{b[str(x)]['prefill_tokens_per_s']:.0f}" for x in bs]
         mem = m["memory"]
-        cells += [f"{mem['peak_rss_bytes'] / 1e6:.0f}", f"{mem['weight_bytes'] / 1e6:.1f}", f"{m['load_s']:.0f}"]
+        cells += [f"{mem['peak_rss_bytes'] / 1e6:.0f}", f"{mem['rss_before_load_bytes'] / 1e6:.0f}",
+                  f"{mem['weight_bytes'] / 1e6:.1f}", f"{m['load_s']:.0f}"]
         print("| " + " | ".join(cells) + " |")
 
 

@@ -150,6 +150,9 @@ class PoolLM(TemplateLM):
             until = handle_stop_sequences(kw.pop("until", None), eos=eos)
             max_toks = int(kw.pop("max_gen_toks"))
             kw.pop("do_sample", None)
+            if max_toks >= self.max_length:
+                raise ValueError(f"{NAME}: max_gen_toks={max_toks} leaves no room for the context in the "
+                                 f"model's {self.max_length} tokens: lower max_gen_toks")
             toks = self.tok_encode(context)[-(self.max_length - max_toks):]
             params = {"max_tokens": max_toks, "stop": until, "skip_special_tokens": False,
                       "spaces_between_special_tokens": False, **_vllm_kwargs(kw, seed=i)}
