@@ -79,12 +79,18 @@ def base_linear(module: torch.nn.Module) -> torch.nn.Linear:
     return module.base_layer if hasattr(module, "base_layer") else module
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2-sharded (DTensor) param: outside a forward, e.g. for the
+    diagnostics (a collective: every rank calls it); inside one the params are already whole."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def effective_weight(module: torch.nn.Module) -> torch.Tensor:
     """float32 W + sum over active adapters of B A * scaling (W alone for a plain Linear)."""
-    w = base_linear(module).weight.float()
+    w = _full(base_linear(module).weight).float()
     for name in getattr(module, "active_adapters", ()):
         if name in getattr(module, "lora_A", {}):
-            a, b = module.lora_A[name].weight.float(), module.lora_B[name].weight.float()
+            a, b = _full(module.lora_A[name].weight).float(), _full(module.lora_B[name].weight).float()
             w = w + (b @ a) * module.scaling[name]
     return w
 
