@@ -20,6 +20,7 @@ pool shuts down only a Ray it started.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -206,6 +207,8 @@ class EvalPool:
                 ray.init(address="local", num_cpus=max(os.cpu_count() or 1, self.workers), include_dashboard=False,
                          _temp_dir=self._ray_tmp, log_to_driver=False)
             self._started_ray = True
+            # lm-eval never closes a model it built by name (`model="refinery-vllm-pool"`): close at exit
+            atexit.register(self.close)
         gpus = torch.cuda.device_count()
         env = {"PYTHONPATH": os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[2]),
                                                           os.environ.get("PYTHONPATH", "")] if p),
