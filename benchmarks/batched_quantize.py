@@ -2,6 +2,7 @@
 
     python benchmarks/batched_quantize.py                 # 4 quickstart students, ~15 min on 2 idle cores
     python benchmarks/batched_quantize.py --workers 1 2   # batched with 1 actor, then with 2 (1 core each on CPU)
+    python benchmarks/batched_quantize.py --command batch # quantize + evaluate (vLLM workers): `refinery batch`
 
 The checkpoints are the distill adapters of finished quickstart-config runs (12-layer SmolLM2 cut):
 their `distill/` dirs are copied into `<work>/ckpts/<run>/` (the runs are only read). Both sides run
@@ -47,7 +48,8 @@ def load_avg() -> float:
 
 
 def rows(out: Path) -> list[dict]:
-    with (out / "quantize.csv").open() as f:
+    path = out / "quantize.csv" if (out / "quantize.csv").is_file() else out / "quantize" / "quantize.csv"
+    with path.open() as f:
         return list(csv.DictReader(f))
 
 
@@ -60,6 +62,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[None],
                     help="actors of the batched job, one batched job per value (default: its own default)")
     ap.add_argument("--order", choices=["batched-first", "separate-first"], default="batched-first")
+    ap.add_argument("--command", choices=["quantize", "batch"], default="quantize",
+                    help="quantize: `refinery quantize --checkpoints`; batch: `refinery batch` (quantize + evaluate)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for both sides, e.g. quantize.bits=3")
     args = ap.parse_args()
 
@@ -71,9 +75,10 @@ def main() -> int:
         shutil.copytree(ROOT / "runs" / run / "distill", dst / "distill",
                         ignore=shutil.ignore_patterns("checkpoints"))
         ckpts.append(str(dst))
-    base = [sys.executable, "-m", "refinery.launch.cli", "quantize", args.config, "--data", args.data,
+    base = [sys.executable, "-m", "refinery.launch.cli", args.command, args.config, "--data", args.data,
             *args.overrides]
-    result = {"runs": args.runs, "overrides": args.overrides, "cpus": os.cpu_count(), "batched": {}}
+    result = {"command": args.command, "runs": args.runs, "overrides": args.overrides, "cpus": os.cpu_count(),
+              "batched": {}}
 
     def batched():
         for w in args.workers:
@@ -115,6 +120,14 @@ def main() -> int:
             print(f"| {r['name']} | {name} | {float(r['time_s']):.1f} | {float(r['kl_mean']):.4f} | "
                   f"{float(r['ppl_merged']):.1f} -> {float(r['ppl_quant']):.1f} | "
                   f"{int(r['bytes_before']) / 1e6:.1f} -> {int(r['bytes_after']) / 1e6:.1f} |")
+    if args.command == "batch":  # the same models scored on both sides: the accuracies must agree
+        print("\n| checkpoint | path | mean acc | +- | decode ms/token |")
+        print("|---|---|---:|---:|---:|")
+        outs = [(k, work / f"batched-{k}") for k in result["batched"]]
+        outs += [("separate", work / "separate" / str(i)) for i in range(n)]
+        for name, out in outs:
+            for r in csv.DictReader((out / "batch.csv").open()):
+                print(f"| {r['name']} | {name} | {r['mean_acc']} | {r['mean_acc_stderr']} | {r['decode_ms']} |")
     print(f"\nresults: {work / 'bench.json'}")
     return 0
 
