@@ -25,6 +25,11 @@ def test_quickstart_evaluate_and_report_sections_load():
     ("evaluate.batch_size=0", "evaluate.batch_size"),
     ("evaluate.latency.repeats=0", "evaluate.latency.repeats"),
     ("evaluate.latency.new_tokens=1", "evaluate.latency.new_tokens"),
+    ("evaluate.backend=vllm-cpu", "evaluate.backend"),
+    ("evaluate.workers=0", "evaluate.workers"),
+    ("evaluate.task_set=all", "evaluate.task_set"),
+    ("evaluate.latency.batch_sizes=[]", "evaluate.latency.batch_sizes"),
+    ("evaluate.latency.batch_sizes=[1, 0]", "evaluate.latency.batch_sizes"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
