@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from refinery.core.config import ConfigError, build, check, to_dict
+from refinery.core.config import (
+    ConfigError,
+    build,
+    check,
+    parse_with_overrides,
+    to_dict,
+)
 from refinery.core.manifest import atomic_path, write_json
 
 _TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE)$", re.IGNORECASE)
@@ -388,11 +394,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """`refinery cluster slurm SWEEP_CONFIG [overrides] [options]`: submit the sweep driver; print the job id."""
     parser = _parser()
-    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)  # overrides may follow options
-    bad = [e for e in extra if e.startswith("-") or "=" not in e]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    overrides = [*args.overrides, *extra]
+    args = parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)  # overrides may follow options
+    overrides = args.overrides
     config = Path(args.sweep_config).absolute()
     try:
         cfg = build(SlurmConfig, {

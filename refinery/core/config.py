@@ -34,6 +34,17 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def parse_with_overrides(parser, argv: list[str]):
+    """`parser.parse_args(argv)` where dotted overrides (key=value) may also follow the options: they
+    all end up in `args.overrides`; anything else unknown is an argparse error."""
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if e.startswith("-") or "=" not in e]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = list(args.overrides) + extra
+    return args
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in place."""
     for item in overrides:

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from refinery.core.config import ConfigError
+from refinery.core.config import ConfigError, parse_with_overrides
 from refinery.core.manifest import atomic_path
 
 COLUMNS = ("name", "bits", "group_size", "bytes_before", "bytes_after", "kl_mean", "quantize_s", "mean_acc",
@@ -97,11 +97,7 @@ def run_batch(cfg, sources: list, out: Path, workers: int | None = None, method:
 
 def main(argv: list[str]) -> int:
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)  # overrides may also follow the options
-    bad = [e for e in extra if e.startswith("-") or "=" not in e]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = list(args.overrides) + extra
+    args = parse_with_overrides(parser, argv)  # overrides may also follow the options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     from refinery.launch.config import load
     from refinery.quantize.batch import _split_overrides, sweep_sources

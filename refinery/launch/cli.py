@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from refinery.core.config import ConfigError, to_dict
+from refinery.core.config import ConfigError, parse_with_overrides, to_dict
 
 STAGE_CMDS = ("generate", "teacher-logits", "distill", "quantize", "evaluate", "report")
 
@@ -69,11 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return batch_evaluate_main(argv[1:])
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)  # overrides may also follow the options
-    bad = [e for e in extra if e.startswith("-") or "=" not in e]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = list(args.overrides) + extra
+    args = parse_with_overrides(parser, argv)  # overrides may also follow the options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     from refinery.launch.config import load
 

@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from refinery.core.config import ConfigError, config_hash, to_dict
+from refinery.core.config import ConfigError, config_hash, parse_with_overrides, to_dict
 from refinery.core.manifest import atomic_path, dir_bytes, file_hash, read_manifest, write_manifest
 from refinery.quantize.config import QuantizeConfig
 
@@ -454,11 +454,7 @@ def _split_overrides(args) -> list[str]:
 
 def main(argv: list[str]) -> int:
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)  # overrides may also follow the options
-    bad = [e for e in extra if e.startswith("-") or "=" not in e]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = list(args.overrides) + extra
+    args = parse_with_overrides(parser, argv)  # overrides may also follow the options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     from refinery.launch.config import load
 
