@@ -119,6 +119,23 @@ def shard(model: torch.nn.Module, world: World) -> torch.nn.Module:
     return model
 
 
+def exit_worker(code: int = 0) -> None:
+    """End a torchrun worker: leave the process group, flush, and exit without interpreter teardown.
+
+    At interpreter exit the C++ threads of gloo (and of DeepSpeed's groups) can still be joinable
+    while their owners are destroyed; the process then aborts ("terminate called without an active
+    exception", SIGABRT) after its work is saved, and torchrun reports the job as failed. Seen once
+    in CI on the ZeRO-3 test; `os._exit` after an explicit barrier and destroy skips that teardown.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 def wrap_student(model: torch.nn.Module, world: World) -> torch.nn.Module:
     """The module the training step calls: DDP wrapper, FSDP2-sharded model, or the model itself."""
     if world.strategy == "ddp":

@@ -31,12 +31,11 @@ def main(spec_path: str) -> int:
     result = train(ctx, cfg, stop_after=spec.get("stop_after"))
     if rank == 0:
         write_json(ctx.stage_dir("distill") / "result.json", {"metrics": result.metrics, "outputs": result.outputs})
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    code = main(sys.argv[1])
+    from refinery.train.dist import exit_worker
+
+    exit_worker(code)

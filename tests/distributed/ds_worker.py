@@ -51,7 +51,9 @@ def main(stage: int, out: str) -> None:
         full = {f"p{i}": p.detach().clone().contiguous() for i, p in enumerate(params)}
     if world.main:
         save_file(full, out)
-    dist.destroy_process_group()
+    from refinery.train.dist import exit_worker
+
+    exit_worker(0)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,9 @@ def main(mode: str, out: str) -> None:
     dist.all_gather(every, calls)
     if dist.get_rank() == 0:
         save_file({**full, "ns_calls": torch.cat(every)}, out)
-    dist.destroy_process_group()
+    from refinery.train.dist import exit_worker
+
+    exit_worker(0)
 
 
 if __name__ == "__main__":
