@@ -229,3 +229,45 @@ def test_unknown_task_names_the_task(cfg, tmp_path, tiny_student):
     with pytest.raises(ValueError, match=r"'no_such_task_xyz' is neither an offline task"):
         evaluate_many(bad, {"s": tiny_student}, tmp_path / "out", workers=1, latency=False)
     assert not (tmp_path / "out" / "s").exists()
+
+
+def _perturbed_copy(src: str, dst, seed: int = 1) -> str:
+    """The same model (config, tokenizer) with every weight matrix moved by ~10% noise."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    g = torch.Generator().manual_seed(seed)
+    for f in dst.glob("*.safetensors"):
+        w = load_file(str(f))
+        save_file({k: (v + 0.1 * v.float().std() * torch.randn(v.shape, generator=g)).to(v.dtype)
+                   if v.ndim == 2 else v for k, v in w.items()}, str(f), metadata={"format": "pt"})
+    return str(dst)
+
+
+# last: it leaves the module's pool holding another model
+def test_same_architecture_checkpoint_is_swapped_into_the_running_engine(pool, cfg, specs, tiny_student, tmp_path):
+    from refinery.evals.batch import score_with_pool
+    from refinery.evals.evaluate import score_model
+    from refinery.evals.loading import load_model
+    from refinery.evals.pool import engine_key
+
+    other = _perturbed_copy(tiny_student, tmp_path / "other")
+    assert engine_key(other) == engine_key(tiny_student)
+    specs_, tm = specs
+    score_with_pool(pool, tiny_student, specs_, tm, cfg.seed, LIMIT, chunk_size=16)
+    before = pool.info()[0]
+    got = _per_item(score_with_pool(pool, other, specs_, tm, cfg.seed, LIMIT, chunk_size=16))
+    after = pool.info()[0]
+    assert after["model"] == other and after["loads"] == before["loads"] and after["swaps"] == before["swaps"] + 1
+    # the swapped engine scores the new weights: as HF scores them, and not as the old weights
+    model, tok = load_model(other, dtype="float32")
+    ref = _per_item(score_model(model, tok, specs_, tm, batch_size=8, seed=cfg.seed))
+    model, tok = load_model(tiny_student, dtype="float32")
+    old = _per_item(score_model(model, tok, specs_, tm, batch_size=8, seed=cfg.seed))
+    err = max(abs(a - b) for k in ref for a, b in zip(ref[k], got[k], strict=True))
+    moved = max(abs(a - b) for k in ref for a, b in zip(ref[k], old[k], strict=True))
+    print(f"\nswapped engine vs HF on the new weights: {err:.2e} nats; old vs new weights: {moved:.2f} nats")
+    assert err < LL_ATOL < moved / 10
