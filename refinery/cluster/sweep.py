@@ -26,6 +26,7 @@ from pathlib import Path
 from refinery.cluster.sweep_config import SweepConfig, load_sweep
 from refinery.core.config import ConfigError, to_dict
 from refinery.core.manifest import write_json
+from refinery.core.rayctl import PrivateRay
 
 log = logging.getLogger("refinery.sweep")
 
@@ -131,7 +132,6 @@ def stop_ray_orphans(sweep_dir: Path) -> int:
 
 
 def run_sweep(path: str, overrides: list[str] = (), address: str | None = None) -> Path:
-    import ray
     from ray import tune
 
     from refinery.cluster.results import write_outputs
@@ -153,15 +153,14 @@ def run_sweep(path: str, overrides: list[str] = (), address: str | None = None) 
             log.info("sweep: stopped processes a previous driver left behind")
         shared_generate(sweep, sweep_dir)
         os.environ["REFINERY_SWEEP_CWD"] = os.getcwd()
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            # "local": a new Ray of our own, never another cluster that happens to run on this machine.
+        if not address:
             # Ray workers SIGKILL their children when they exit; a trial's chain must instead get the
             # SIGTERM and checkpoint (it dies with its parent anyway: PDEATHSIG).
             os.environ.setdefault("RAY_kill_child_processes_on_worker_exit", "0")
-            ray.init(address="local", num_cpus=(os.cpu_count() or 1) + ray_train, _temp_dir=_ray_temp(sweep_dir),
-                     include_dashboard=False, log_to_driver=False)
+        # local: a new Ray of our own in the sweep's temp dir (stop_ray_orphans finds leftovers there)
+        private = PrivateRay(num_cpus=(os.cpu_count() or 1) + ray_train, temp_dir=_ray_temp(sweep_dir),
+                             address=address, join_env=False)
+        private.start()
         try:
             trainable = tune.with_resources(
                 tune.with_parameters(_trainable, sweep=sweep, sweep_dir=str(sweep_dir), base_seed=base_seed),
@@ -180,7 +179,7 @@ def run_sweep(path: str, overrides: list[str] = (), address: str | None = None) 
                 grid = tuner.fit()
             _record_unfinished(grid, sweep_dir)
         finally:
-            ray.shutdown()
+            private.stop()
         write_outputs(sweep, sweep_dir)
         if stopped:
             from refinery.train.preempt import Preempted

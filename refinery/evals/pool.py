@@ -26,8 +26,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -268,24 +266,18 @@ class EvalPool:
         self.replaced = 0
         self.on_chunk_done: Callable[[EvalPool, int], None] | None = None
         """Called in the driver after each finished chunk with the count so far (tests inject failures here)."""
-        self._started_ray = False
-        self._ray_tmp: str | None = None
+        self._ray = None
         self._start()
 
     def _start(self) -> None:
         import ray
         import torch
 
-        if not ray.is_initialized():
-            if os.environ.get("RAY_ADDRESS"):
-                ray.init(log_to_driver=False)
-            else:
-                # A short temp dir of our own (Ray's socket paths must stay < 107 chars) and a
-                # private instance: a bare ray.init() would join any Ray running on the machine.
-                self._ray_tmp = tempfile.mkdtemp(prefix="rayeval-", dir="/tmp")
-                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, self.workers), include_dashboard=False,
-                         _temp_dir=self._ray_tmp, log_to_driver=False)
-            self._started_ray = True
+        from refinery.core.rayctl import PrivateRay
+
+        self._ray = PrivateRay(num_cpus=max(os.cpu_count() or 1, self.workers), prefix="rayeval-")
+        self._ray.start()
+        if self._ray.started:
             # lm-eval never closes a model it built by name (`model="refinery-vllm-pool"`): close at exit
             atexit.register(self.close)
         gpus = torch.cuda.device_count()
@@ -396,20 +388,15 @@ class EvalPool:
         """Stop our actors; shut Ray down only if this pool started it."""
         import ray
 
-        if not ray.is_initialized():
-            return
-        for a in self.actors:
-            try:
-                ray.kill(a, no_restart=True)
-            except ValueError as e:  # not an actor handle any more
-                log.debug("close: %s", e)
+        if ray.is_initialized():
+            for a in self.actors:
+                try:
+                    ray.kill(a, no_restart=True)
+                except ValueError as e:  # not an actor handle any more
+                    log.debug("close: %s", e)
         self.actors = []
-        if self._started_ray:
-            ray.shutdown()
-            self._started_ray = False
-        if self._ray_tmp:
-            shutil.rmtree(self._ray_tmp, ignore_errors=True)
-            self._ray_tmp = None
+        if self._ray:
+            self._ray.stop()
 
     def __enter__(self):
         return self

@@ -79,12 +79,13 @@ def run_batch(cfg, sources: list, out: Path, workers: int | None = None, method:
               data: Path | None = None, sweep: Path | None = None, latency: bool | None = None) -> list[dict]:
     """Quantize `sources` then score every quantized model; returns the rows of `<out>/batch.csv`."""
     from refinery.evals.batch import evaluate_many
-    from refinery.quantize.batch import _Ray, quantize_many
+    from refinery.core.rayctl import PrivateRay
+    from refinery.quantize.batch import quantize_many
 
     latency = cfg.evaluate.latency.enabled if latency is None else latency
     log = logging.getLogger("refinery.batch")
     t0 = time.time()
-    with _Ray():  # one Ray for both halves (each uses an initialized Ray as it finds it)
+    with PrivateRay(prefix="rayb-"):  # one Ray for both halves (each uses an initialized Ray as it finds it)
         records = quantize_many(cfg, sources, out / "quantize", workers, method, data, sweep)
         t1 = time.time()
         models = {r["name"]: r["quant_dir"] for r in records if r["status"] != "failed"}
@@ -100,10 +101,10 @@ def main(argv: list[str]) -> int:
     args = parse_with_overrides(parser, argv)  # overrides may also follow the options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     from refinery.launch.config import load
-    from refinery.quantize.batch import _split_overrides, sweep_sources
+    from refinery.quantize.batch import split_overrides, sweep_sources
 
     try:
-        cfg = load(args.config, _split_overrides(args))
+        cfg = load(args.config, split_overrides(args))
         sources = sweep_sources(args.sweep) if args.sweep else args.checkpoints
         rows = run_batch(cfg, sources, args.out, args.workers, args.method, args.data, args.sweep, args.latency)
     except (ConfigError, FileNotFoundError, ValueError) as e:

@@ -47,13 +47,13 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from refinery.core.config import ConfigError, config_hash, parse_with_overrides, to_dict
 from refinery.core.manifest import atomic_path, dir_bytes, file_hash, read_manifest, write_manifest
+from refinery.core.rayctl import PrivateRay
 from refinery.quantize.config import QuantizeConfig
 
 log = logging.getLogger("refinery.quantize.batch")
@@ -279,32 +279,6 @@ def default_workers() -> int:
     return torch.cuda.device_count() or 1
 
 
-class _Ray:
-    """A private local Ray (unless RAY_ADDRESS is set); shuts down only what it started."""
-
-    def __enter__(self):
-        import ray
-
-        self.started, self.tmp = False, None
-        if not ray.is_initialized():
-            if os.environ.get("RAY_ADDRESS"):
-                ray.init(log_to_driver=False)
-            else:  # short temp dir: Ray's socket paths must stay < 107 chars
-                self.tmp = tempfile.mkdtemp(prefix="rayq-", dir="/tmp")
-                ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                         _temp_dir=self.tmp, log_to_driver=False)
-            self.started = True
-        return ray
-
-    def __exit__(self, *exc):
-        import ray
-
-        if self.started:
-            ray.shutdown()
-        if self.tmp:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
 def run_jobs(jobs: list[dict], calib: list[dict], workers: int) -> list[dict]:
     """Run `jobs` on `workers` Ray actors, each taking the next job when it finishes one."""
     import torch
@@ -315,7 +289,7 @@ def run_jobs(jobs: list[dict], calib: list[dict], workers: int) -> list[dict]:
     env = {"PYTHONPATH": os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)}
     if "GPTQMODEL_CPU_WORKERS" in os.environ:
         env["GPTQMODEL_CPU_WORKERS"] = os.environ["GPTQMODEL_CPU_WORKERS"]
-    with _Ray() as ray:
+    with PrivateRay(prefix="rayq-") as ray:
         calib_ref = ray.put(calib)
         remote = ray.remote(QuantWorker).options(num_cpus=0 if gpus else threads, num_gpus=1 if gpus else 0,
                                                   max_restarts=0, runtime_env={"env_vars": env})
@@ -437,7 +411,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _split_overrides(args) -> list[str]:
+def split_overrides(args) -> list[str]:
     """Overrides typed after --checkpoints land in its list; `bits=3` is short for `quantize.bits=3`."""
     from dataclasses import fields
 
@@ -459,7 +433,7 @@ def main(argv: list[str]) -> int:
     from refinery.launch.config import load
 
     try:
-        cfg = load(args.config, _split_overrides(args))
+        cfg = load(args.config, split_overrides(args))
         sources = sweep_sources(args.sweep) if args.sweep else args.checkpoints
         records = quantize_many(cfg, sources, args.out, args.workers, args.method, args.data, args.sweep)
     except (ConfigError, FileNotFoundError) as e:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from refinery.core.manifest import write_json
+from refinery.core.rayctl import PrivateRay
 
 log = logging.getLogger("refinery.train")
 
@@ -26,7 +27,6 @@ def _worker(config: dict) -> None:
 
 def launch_ray(payload: dict, parallel, out: Path) -> dict:
     """Run the workers under TorchTrainer and return rank 0's result (raises if training failed)."""
-    import ray
     import torch
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -34,13 +34,8 @@ def launch_ray(payload: dict, parallel, out: Path) -> dict:
     spec, result = out / "launch.json", out / "result.json"
     write_json(spec, payload)
     result.unlink(missing_ok=True)
-    started_here = not ray.is_initialized()
-    if started_here:
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:  # "local": a new Ray of our own, never someone else's cluster found on this machine
-            ray.init(address="local", num_cpus=max(parallel.nproc, os.cpu_count() or 1), include_dashboard=False)
+    private = PrivateRay(num_cpus=max(parallel.nproc, os.cpu_count() or 1), prefix="rayt-", log_to_driver=True)
+    private.start()
     cuda = torch.cuda.is_available()
     root = str(Path(__file__).resolve().parents[2])
     trainer = TorchTrainer(
@@ -58,8 +53,7 @@ def launch_ray(payload: dict, parallel, out: Path) -> dict:
                            f"completed checkpoints in {out / 'checkpoints'} are kept: rerun the same command "
                            "to resume from the last one") from e
     finally:
-        if started_here:
-            ray.shutdown()
+        private.stop()
     if not result.is_file():
         raise RuntimeError(f"distill: the Ray Train workers finished without {result}")
     data = json.loads(result.read_text())
