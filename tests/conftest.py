@@ -93,3 +93,31 @@ def tiny_sweep(tmp_path, tiny_teacher, tiny_student, write_train_data):
                        "quantize.group_size": {"type": "choice", "values": [32, 64]}}}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     return tmp_path / "sweep.yaml", sweep_dir
+
+
+@pytest.fixture(scope="session")
+def write_adapter():
+    """Factory: write_adapter(student, run_dir, seed=0, std=0.05): a real PEFT LoRA adapter on every
+    projection with non-zero B (so merging changes the logits) in `run_dir/distill/adapter`, and a
+    complete distill manifest: what the distill stage leaves for quantize."""
+    import time
+
+    from refinery.core.manifest import write_manifest
+
+    def write(student: str, run, seed: int = 0, std: float = 0.05) -> None:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=std)
+        peft_model.save_pretrained(run / "distill" / "adapter")
+        write_manifest(run / "distill", stage="distill", config={}, cfg_hash="test", inputs={}, metrics={},
+                       started=time.time(), outputs=["adapter/adapter_model.safetensors"])
+
+    return write

@@ -127,7 +127,10 @@ def print_status(sweep_dir: Path) -> int:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
         print(f"  {r['key']}  objective {r['objective']:.4f} +- {r['objective_std']:.4f}  {params}")
     unfinished = sweep_dir / "unfinished.json"
+    done = {r["key"] for r in rows}
     for r in json.loads(unfinished.read_text()) if unfinished.is_file() else []:
+        if r["key"] in done:  # recorded by an earlier driver, finished since (the sweep resumed)
+            continue
         loss = f"distill loss {r['distill_loss']:.4f} at step {r['distill_step']}" if r["distill_loss"] else ""
         print(f"  {r['key']}  {r['why']}  {loss}")
     runs = sorted((sweep_dir / "runs").glob("*")) if (sweep_dir / "runs").is_dir() else []

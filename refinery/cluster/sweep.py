@@ -177,7 +177,7 @@ def run_sweep(path: str, overrides: list[str] = (), address: str | None = None) 
                                                              failure_config=tune.FailureConfig(max_failures=1)))
             with _graceful_stop() as stopped:
                 grid = tuner.fit()
-            _record_unfinished(grid, sweep_dir)
+            _record_unfinished(grid, sweep_dir, interrupted=bool(stopped))
         finally:
             private.stop()
         write_outputs(sweep, sweep_dir)
@@ -206,8 +206,9 @@ def _graceful_stop():
         yield got
 
 
-def _record_unfinished(grid, sweep_dir: Path) -> None:
-    """`<sweep>/unfinished.json`: configurations stopped early (ASHA) or failed, with their last report."""
+def _record_unfinished(grid, sweep_dir: Path, interrupted: bool = False) -> None:
+    """`<sweep>/unfinished.json`: configurations stopped early (ASHA), failed, or cut off by a stop of
+    the driver (`interrupted`: they resume on rerun), with their last report."""
     from refinery.cluster.trial import config_key
 
     rows = []
@@ -219,7 +220,8 @@ def _record_unfinished(grid, sweep_dir: Path) -> None:
         m = r.metrics or {}
         rows.append({"key": key, "params": params, "distill_step": m.get("distill_step"),
                      "distill_loss": -m["neg_distill_loss"] if "neg_distill_loss" in m else None,
-                     "why": f"failed: {r.error}" if r.error else "stopped early by ASHA"})
+                     "why": f"failed: {r.error}" if r.error else
+                     "stopped early by ASHA, or cut off when the driver stopped (rerun the sweep to resume)" if interrupted else "stopped early by ASHA"})
     write_json(sweep_dir / "unfinished.json", rows)
 
 

@@ -17,16 +17,15 @@ out, workers, latency)`.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import io
 import json
 import logging
 import sys
 import time
 from pathlib import Path
 
-from refinery.core.manifest import atomic_path, dir_bytes, write_json, write_jsonl
+from refinery.core.manifest import dir_bytes, write_json, write_jsonl
+from refinery.core.manifest import write_csv as write_csv_rows
 from refinery.evals.evaluate import _sample_rows, _task_scores, mean_accuracy
 from refinery.evals.lmeval_tasks import (
     TaskSpec,
@@ -118,6 +117,8 @@ def evaluate_one(pool, name: str, path: str, cfg, specs, tm, out: Path, latency:
                          batch_sizes=list(lat.batch_sizes))
         entry["memory"] = m.pop("memory")
         entry["latency"] = m
+    info = pool.info()  # the pool's engines so far: new engines started vs checkpoints swapped into one
+    entry["engine_loads"], entry["engine_swaps"] = sum(w["loads"] for w in info), sum(w["swaps"] for w in info)
     d = out / name
     write_json(d / "lmeval.json", raw)
     write_jsonl(d / "samples.jsonl", _sample_rows(samples, specs))
@@ -173,6 +174,14 @@ def _done(out: Path, name: str, key: str) -> dict | None:
     return None
 
 
+def scored(cfg, out: Path, name: str, path: str, specs, latency: bool) -> dict | None:
+    """The stored entry of `name` if it was scored with the same model, tasks and settings."""
+    prev = _done(out, name, _key(cfg, path, specs, latency))
+    if prev:
+        log.info("evaluate: %s already scored (%s), skipped", name, out / name / "results.json")
+    return prev
+
+
 def evaluate_many(cfg, models: dict[str, str], out: Path, workers: int | None, latency: bool,
                   pool=None) -> dict:
     """Score every {name: path} in `models` with one pool; {name: entry}. Finished models are skipped.
@@ -189,9 +198,8 @@ def evaluate_many(cfg, models: dict[str, str], out: Path, workers: int | None, l
     specs, tm = task_specs(cfg, out / "tasks")
     results, todo = {}, {}
     for name, path in models.items():
-        prev = _done(out, name, _key(cfg, path, specs, latency))
+        prev = scored(cfg, out, name, path, specs, latency)
         if prev:
-            log.info("evaluate: %s already scored (%s), skipped", name, out / name / "results.json")
             results[name] = prev
         else:
             todo[name] = path
@@ -241,14 +249,7 @@ def _row(name: str, e: dict) -> dict:
 
 def write_csv(path: Path, results: dict) -> None:
     """One row per model: accuracy, per task, latency, memory (atomically)."""
-    rows = [_row(n, e) for n, e in results.items()]
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
+    write_csv_rows(path, [_row(n, e) for n, e in results.items()])
 
 
 def table(results: dict) -> str:

@@ -38,9 +38,7 @@ needs room for one layer and its activations, not the model.
 from __future__ import annotations
 
 import argparse
-import csv
 import fcntl
-import io
 import json
 import logging
 import os
@@ -52,7 +50,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from refinery.core.config import ConfigError, config_hash, parse_with_overrides, to_dict
-from refinery.core.manifest import atomic_path, dir_bytes, file_hash, read_manifest, write_manifest
+from refinery.core.manifest import (
+    atomic_path,
+    dir_bytes,
+    file_hash,
+    read_manifest,
+    write_csv,
+    write_manifest,
+)
 from refinery.core.rayctl import PrivateRay
 from refinery.quantize.config import QuantizeConfig
 
@@ -279,8 +284,9 @@ def default_workers() -> int:
     return torch.cuda.device_count() or 1
 
 
-def run_jobs(jobs: list[dict], calib: list[dict], workers: int) -> list[dict]:
-    """Run `jobs` on `workers` Ray actors, each taking the next job when it finishes one."""
+def run_jobs(jobs: list[dict], calib: list[dict], workers: int, on_record=None) -> list[dict]:
+    """Run `jobs` on `workers` Ray actors, each taking the next job when it finishes one;
+    `on_record(record)` is called in this thread as each job ends (done or failed)."""
     import torch
 
     gpus = torch.cuda.device_count()
@@ -307,6 +313,8 @@ def run_jobs(jobs: list[dict], calib: list[dict], workers: int) -> list[dict]:
                 actors.append(actor)
                 log.info("quantize: %s done in %.0f s (%d/%d, %.0f s so far)", job["name"],
                          records[job["name"]]["time_s"], len(records), len(jobs), time.time() - t0)
+                if on_record:
+                    on_record(records[job["name"]])
             except ray.exceptions.RayActorError as e:  # the actor died: its slot is gone
                 records[job["name"]] = _failed(job, f"worker died: {e}")
                 if not actors and not running:
@@ -325,8 +333,9 @@ def _failed(job: dict, message: str) -> dict:
 
 
 def quantize_many(cfg, sources: list[Path], out: Path, workers: int | None = None, method: str | None = None,
-                  data: Path | None = None, sweep: Path | None = None) -> list[dict]:
-    """Quantize `sources` into `out/<name>/`; see the module docstring for the records returned."""
+                  data: Path | None = None, sweep: Path | None = None, on_record=None) -> list[dict]:
+    """Quantize `sources` into `out/<name>/`; see the module docstring for the records returned.
+    `on_record(record)` is called for each checkpoint as soon as it is done or found complete."""
     from transformers import AutoTokenizer
 
     from refinery.quantize.gptq import tokenize_calibration
@@ -347,6 +356,8 @@ def quantize_many(cfg, sources: list[Path], out: Path, workers: int | None = Non
             if m and m.get("status") == "complete" and m.get("config_hash") == job["hash"]:
                 records[job["name"]] = _done_record(m)
                 log.info("quantize: %s complete for this config, skipped (%s)", job["name"], job["out"])
+                if on_record:
+                    on_record(records[job["name"]])
                 continue
             for left in _leftovers(out, job["name"]):
                 log.info("quantize: removing %s left by an unfinished job", left)
@@ -358,7 +369,7 @@ def quantize_many(cfg, sources: list[Path], out: Path, workers: int | None = Non
             n = min(workers or default_workers(), len(todo))
             log.info("quantize: %d checkpoint(s) to do, %d skipped; %d worker(s); calibration %d texts from %s",
                      len(todo), len(records), n, len(calib), p["data"])
-            records.update((r["name"], r) for r in run_jobs(todo, calib, n))
+            records.update((r["name"], r) for r in run_jobs(todo, calib, n, on_record))
         result = [records[j["name"]] for j in p["jobs"]]
         write_summary(out, result)
     return result
@@ -374,12 +385,7 @@ def _row(r: dict) -> dict:
 
 def write_summary(out: Path, records: list[dict]) -> None:
     """`<out>/quantize.csv` (atomic)."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS)
-    w.writeheader()
-    w.writerows(_row(r) for r in records)
-    with atomic_path(out / "quantize.csv") as tmp:
-        tmp.write_text(buf.getvalue())
+    write_csv(out / "quantize.csv", [_row(r) for r in records], COLUMNS)
 
 
 def format_table(records: list[dict]) -> str:

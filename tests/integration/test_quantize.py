@@ -6,39 +6,20 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from refinery.core.config import ConfigError
-from refinery.core.manifest import read_manifest, write_manifest
+from refinery.core.manifest import read_manifest
 from refinery.launch.config import load
 from refinery.launch.stages import run_stage
 
 pytestmark = pytest.mark.integration
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TEXTS = ["Question: Where would you put a plate after washing it?\nAnswer: In the cupboard.",
          "Question: Can a penguin fly to the moon?\nAnswer: no"]
-
-
-def _write_adapter(student: str, run: Path) -> None:
-    """A real PEFT LoRA adapter with non-zero B (so merging changes the logits), plus a distill manifest."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    peft_model.save_pretrained(run / "distill" / "adapter")
-    write_manifest(run / "distill", stage="distill", config={}, cfg_hash="test", inputs={}, metrics={},
-                   started=time.time(), outputs=["adapter/adapter_model.safetensors"])
 
 
 def _config(run: Path, student: str, teacher: str, *extra: str):
@@ -48,10 +29,10 @@ def _config(run: Path, student: str, teacher: str, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def quant_run(tmp_path_factory, tiny_teacher, tiny_student, write_train_data):
+def quant_run(tmp_path_factory, tiny_teacher, tiny_student, write_train_data, write_adapter):
     run = tmp_path_factory.mktemp("quantize") / "run"
     write_train_data(run)
-    _write_adapter(tiny_student, run)
+    write_adapter(tiny_student, run)
     cfg = _config(run, tiny_student, tiny_teacher)
     result = run_stage(cfg, "quantize")
     return SimpleNamespace(run=run, cfg=cfg, student=tiny_student, teacher=tiny_teacher, result=result,
@@ -146,11 +127,11 @@ def test_gptq_loads_and_generates_in_vllm(quant_run):
     assert all(1 <= len(seq) <= 6 and all(0 <= t < 49152 for t in seq) for seq in ids)
 
 
-def test_rerun_is_skipped_and_bad_group_size_fails_before_work(quant_run, tmp_path, write_train_data):
+def test_rerun_is_skipped_and_bad_group_size_fails_before_work(quant_run, tmp_path, write_train_data, write_adapter):
     assert run_stage(quant_run.cfg, "quantize") == {"stage": "quantize", "skipped": True}
     run = tmp_path / "run"
     write_train_data(run, per_task=2)
-    _write_adapter(quant_run.student, run)
+    write_adapter(quant_run.student, run)
     cfg = _config(run, quant_run.student, quant_run.teacher, "quantize.group_size=128")
     with pytest.raises(ConfigError, match=r"group_size: 128 does not divide the input width 576 of layer "
                                           r"'model\.layers\.0\.self_attn\.q_proj'.*valid group sizes for this "
@@ -159,12 +140,12 @@ def test_rerun_is_skipped_and_bad_group_size_fails_before_work(quant_run, tmp_pa
     assert not (run / "quantize" / "merged").exists() and read_manifest(run / "quantize") is None
 
 
-def test_missing_inputs_name_the_stage_to_run(tmp_path, tiny_teacher, tiny_student):
+def test_missing_inputs_name_the_stage_to_run(tmp_path, tiny_teacher, tiny_student, write_adapter):
     from refinery.quantize.gptq import run
 
     cfg = _config(tmp_path / "run", tiny_student, tiny_teacher)
     with pytest.raises(FileNotFoundError, match="run `refinery distill` first"):
         run(cfg.context(), cfg.quantize)
-    _write_adapter(tiny_student, tmp_path / "run")
+    write_adapter(tiny_student, tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="run `refinery generate` first"):
         run(cfg.context(), cfg.quantize)
