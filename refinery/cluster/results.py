@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
+import math
+import statistics
 from pathlib import Path
 
 import yaml
@@ -62,6 +64,79 @@ def write_outputs(sweep, sweep_dir: Path) -> None:
                        f"+- {best['objective_std']:.4f}); run: refinery run {sweep_dir / 'best.yaml'}\n"
                        + yaml.safe_dump(data, sort_keys=False))
     _plots(rows, front, sweep_dir / "plots")
+    _report(sweep, rows, sweep_dir)
+
+
+def expected_range(k: int) -> float:
+    """E[max - min] of k independent standard normals (the d2 constant: 1.128 for 2, 2.534 for 6)."""
+    def phi(x):
+        return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+    step = 0.01
+    return sum((1 - phi(x) ** k - (1 - phi(x)) ** k) * step for x in (-8 + step * (i + 0.5) for i in range(1600)))
+
+
+def verdict(rows: list[dict]) -> dict | None:
+    """Best vs worst configuration against the spread between seeds of one configuration.
+
+    `spread` is the pooled standard deviation of the replicates (one seed's objective); the gap
+    best - worst is compared with it and with what the same number of configurations would show
+    by seed noise alone (expected range of k means, each with std spread / sqrt(replicates)):
+    best and worst are picked after the fact, so their gap is never zero even when nothing differs.
+    """
+    if len(rows) < 2:
+        return None
+    best = max(rows, key=lambda r: r["objective"])
+    worst = min(rows, key=lambda r: r["objective"])
+    margin = best["objective"] - worst["objective"]
+    multi = [r for r in rows if len(r["replicates"]) > 1]
+    out = {"best": best["key"], "worst": worst["key"], "margin": margin, "configurations": len(rows),
+           "spread": None, "noise_range": None}
+    if not multi:
+        out["text"] = (f"best {best['key']} beats worst {worst['key']} by {margin:.4f}; one replicate per "
+                       "configuration, so there is no seed spread to compare it with (set replicates >= 2)")
+        return out
+    spread = math.sqrt(statistics.mean(r["objective_std"] ** 2 for r in multi))
+    reps = statistics.mean(len(r["replicates"]) for r in multi)
+    noise = expected_range(len(rows)) * spread / math.sqrt(reps)
+    out.update(spread=spread, noise_range=noise)
+    head = f"best {best['key']} beats worst {worst['key']} by {margin:.4f}"
+    if margin <= spread:
+        out["text"] = f"{head}: NOT larger than the replicate spread ({spread:.4f}, pooled std of one seed)"
+    elif margin <= noise:
+        out["text"] = (f"{head}: larger than the replicate spread ({spread:.4f}), but within what "
+                       f"{len(rows)} configurations of equal merit would show by seed noise alone "
+                       f"(expected best-worst gap {noise:.4f})")
+    else:
+        out["text"] = (f"{head}: larger than the replicate spread ({spread:.4f}) and than the gap seed noise "
+                       f"alone would give across {len(rows)} configurations ({noise:.4f})")
+    return out
+
+
+def _report(sweep, rows: list[dict], sweep_dir: Path) -> None:
+    """`<sweep>/REPORT.md`: configurations by objective, per-task accuracy, the best-vs-worst verdict."""
+    v = verdict(rows)
+    tasks = sorted({t for r in rows for x in r["replicates"] for t in x.get("per_task", {})})
+    keys = list(sweep.space)
+    lines = [f"# Sweep {sweep_dir}", "",
+             (f"{len(rows)} of {sweep.num_samples} configurations finished, {sweep.replicates} replicate(s) each "
+              f"(seeds base..base+{sweep.replicates - 1}); objective `{sweep.objective.metric}` of the quantized "
+              "student, mean +- std over replicates."), "",
+             "| key | " + " | ".join(keys) + " | objective | std | " + " | ".join(tasks) + " |",
+             "|---|" + "---|" * len(keys) + "---:|---:|" + "---:|" * len(tasks)]
+    for r in sorted(rows, key=lambda r: -r["objective"]):
+        acc = [[x["per_task"][t] for x in r["replicates"] if t in x.get("per_task", {})] for t in tasks]
+        lines.append(f"| {r['key']} | " + " | ".join(_fmt(r["params"].get(k)) for k in keys)
+                     + f" | {r['objective']:.4f} | {r['objective_std']:.4f} | "
+                     + " | ".join(f"{statistics.mean(a):.3f}" if a else "-" for a in acc) + " |")
+    lines += ["", "**Verdict**: " + (v["text"] if v else "fewer than two configurations finished") + ".", "",
+              "Plots: `plots/objective.png`, `plots/pareto.png`. Best configuration: `best.yaml`.", ""]
+    with atomic_path(sweep_dir / "REPORT.md") as tmp:
+        tmp.write_text("\n".join(lines))
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _plots(rows: list[dict], front: set[str], out: Path) -> None:
@@ -124,8 +199,11 @@ def print_status(sweep_dir: Path) -> int:
     print(f"sweep {sweep_dir}: driver {'running' if _driver_running(sweep_dir) else 'not running'}; "
           f"{len(rows)} of {sweep['num_samples']} configurations finished (x{sweep['replicates']} replicates)")
     for r in sorted(rows, key=lambda r: -r["objective"]):
-        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in r["params"].items())
         print(f"  {r['key']}  objective {r['objective']:.4f} +- {r['objective_std']:.4f}  {params}")
+    v = verdict(rows)
+    if v:
+        print(f"verdict: {v['text']}")
     unfinished = sweep_dir / "unfinished.json"
     done = {r["key"] for r in rows}
     for r in json.loads(unfinished.read_text()) if unfinished.is_file() else []:

@@ -1,6 +1,8 @@
 """The sweep YAML: bad keys and values are named before any work; the Pareto front."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import yaml
 
@@ -80,3 +82,57 @@ def test_pareto_objectives_are_checked(tmp_path, pareto_of, ok):
     else:
         with pytest.raises(ConfigError, match="pareto_of"):
             load_sweep(path)
+
+
+def test_expected_range_of_normals():
+    from refinery.cluster.results import expected_range
+
+    assert expected_range(2) == pytest.approx(2 / math.sqrt(math.pi), abs=1e-3)  # 1.128
+    assert expected_range(6) == pytest.approx(2.534, abs=2e-3)
+
+
+def _row(key, scores, lr):
+    import statistics
+
+    return {"key": key, "params": {"distill.optim.lr": lr}, "objective": statistics.mean(scores),
+            "objective_std": statistics.stdev(scores) if len(scores) > 1 else 0.0, "accuracy": statistics.mean(scores),
+            "bytes": 80e6, "decode_ms": None, "finished": lr,
+            "replicates": [{"objective": s, "accuracy": s, "per_task": {"siqa": s}, "wall_s": 1.0} for s in scores]}
+
+
+@pytest.mark.parametrize("top, says", [
+    (0.405, "NOT larger than the replicate spread"),          # gap 0.005 < spread 0.0071
+    (0.41, "but within what 6 configurations of equal merit"),  # 0.0071 < gap 0.01 < 2.534 * 0.0071 / sqrt 2
+    (0.50, "and than the gap seed noise alone"),
+])
+def test_verdict_compares_best_minus_worst_with_seed_spread(tmp_path, capsys, top, says):
+    """The sweep's acceptance question, answered in REPORT.md and `sweep status`: does the best
+    configuration beat the worst by more than one seed's spread (and than selection among equals)?"""
+    import json
+
+    from refinery.cluster.results import print_status, verdict, write_outputs
+
+    means = [0.40, 0.401, 0.402, 0.403, 0.404, top]
+    rows = [_row(k, [m - 0.005, m + 0.005], 0.01 * (i + 1)) for i, (k, m) in enumerate(zip("abcdef", means))]
+    v = verdict(rows)
+    assert says in v["text"] and (v["best"], v["worst"]) == ("f", "a")
+    assert v["spread"] == pytest.approx(0.01 / math.sqrt(2), rel=1e-6)
+    sweep = load_sweep(_write(tmp_path))
+    sweep_dir = tmp_path / "s"
+    (sweep_dir / "results").mkdir(parents=True)
+    for r in rows:
+        (sweep_dir / "results" / f"{r['key']}.json").write_text(json.dumps(r))
+    (sweep_dir / "sweep.json").write_text(json.dumps({"num_samples": 6, "replicates": 2}))
+    write_outputs(sweep, sweep_dir)
+    report = (sweep_dir / "REPORT.md").read_text()
+    assert says in report and "| siqa |" in report
+    assert report.index("| f |") < report.index("| e |") < report.index("| a |")  # sorted by objective
+    assert print_status(sweep_dir) == 0
+    assert f"verdict: {v['text']}" in capsys.readouterr().out
+
+
+def test_verdict_without_replicates_says_so():
+    from refinery.cluster.results import verdict
+
+    v = verdict([_row("a", [0.4], 0.01), _row("b", [0.5], 0.02)])
+    assert v["spread"] is None and "no seed spread" in v["text"]
