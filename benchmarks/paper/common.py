@@ -1,0 +1,146 @@
+"""Shared pieces of the paper reproduction (issue 7): arms, run helpers, per-item statistics.
+
+Every run lives under `runs/paper/` (ROOT): `shared/generate` (the teacher's data, made once),
+`<arm>-s<seed>/` (distill + quantize of one arm and seed, a normal run dir), `gptq-only/<seed>/`
+(GPTQ of the undistilled student), `eval/<model>/` (scores from the vLLM evaluation workers),
+`walls.jsonl` (every command with its wall time).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIG = "configs/quickstart.yaml"
+ROOT = Path("runs/paper")
+SEEDS = (0, 1, 2)
+
+# arm -> dotted overrides on configs/quickstart.yaml (Muon lr 0.02, forward KL, alpha 1, T 2);
+# adamw's learning rate comes from `run.py pilot` (see adamw_lr)
+ARMS = {
+    "muon": [],
+    "adamw": ["distill.optim.name=adamw"],
+    "fkl-a0.5": ["distill.loss.alpha=0.5"],
+    "rkl": ["distill.loss.divergence=reverse_kl"],
+    "rkl-a0.5": ["distill.loss.divergence=reverse_kl", "distill.loss.alpha=0.5"],
+    "jsd": ["distill.loss.divergence=jsd"],
+    "jsd-a0.5": ["distill.loss.divergence=jsd", "distill.loss.alpha=0.5"],
+}
+
+
+def cli(args: list[str], log_name: str) -> float:
+    """Run `refinery ARGS` as its own process (fresh interpreter per stage chain); return wall s."""
+    cmd = [sys.executable, "-m", "refinery.launch.cli", *args]
+    print("+ refinery", " ".join(args), flush=True)
+    t0 = time.time()
+    code = subprocess.run(cmd, check=False).returncode
+    wall = round(time.time() - t0, 1)
+    ROOT.mkdir(parents=True, exist_ok=True)
+    with (ROOT / "walls.jsonl").open("a") as f:
+        f.write(json.dumps({"what": log_name, "cmd": "refinery " + " ".join(args), "wall_s": wall,
+                            "exit": code, "at": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    if code:
+        raise SystemExit(f"failed ({code}): refinery {' '.join(args)}")
+    return wall
+
+
+def shared_generate(src: Path | None) -> Path:
+    """`ROOT/shared/generate`: copied from a finished run's generate/ (same config and seed 0), or made."""
+    gen = ROOT / "shared" / "generate"
+    if (gen / "manifest.json").is_file():
+        return gen
+    if src is not None:
+        shutil.copytree(Path(src) / "generate" if (Path(src) / "generate").is_dir() else Path(src), gen,
+                        dirs_exist_ok=True)
+    else:
+        cli(["generate", CONFIG, f"run_dir={ROOT / 'shared'}", "seed=0"], "generate")
+    return gen
+
+
+def adamw_lr() -> float:
+    """AdamW's LoRA learning rate: the pilot's lowest final training loss (never the eval items)."""
+    pilot = ROOT / "pilot.json"
+    if not pilot.is_file():
+        raise SystemExit("the adamw arm needs AdamW's learning rate: run `python benchmarks/paper/run.py pilot` first")
+    rows = [r for r in json.loads(pilot.read_text()) if isinstance(r["lr"], float)]
+    return min(rows, key=lambda r: r["final_loss"])["lr"]
+
+
+def arm_overrides(arm: str) -> list[str]:
+    return ARMS[arm] + ([f"distill.optim.lr={adamw_lr()}"] if arm == "adamw" else [])
+
+
+def run_dir(arm: str, seed: int) -> Path:
+    return ROOT / f"{arm}-s{seed}"
+
+
+def train(arm: str, seed: int, stages: str = "distill,quantize", extra: list[str] = ()) -> Path:
+    """Distill and quantize one arm and seed on the shared data (finished stages are skipped)."""
+    d = run_dir(arm, seed)
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / "generate").exists():
+        (d / "generate").symlink_to((ROOT / "shared" / "generate").resolve(), target_is_directory=True)
+    cli(["run", CONFIG, f"run_dir={d}", f"seed={seed}", *arm_overrides(arm), *extra, "--stages", stages],
+        f"{arm}-s{seed} {stages}")
+    return d
+
+
+def base_student() -> str:
+    """The undistilled 12-layer student of the quickstart config (derived once, cached)."""
+    from refinery.core.models import resolve_models
+    from refinery.launch.config import load
+
+    return resolve_models(load(CONFIG, []).models)[1]
+
+
+def gptq_only(seed: int) -> Path:
+    """GPTQ of the undistilled student with the pipeline's quantize settings and calibration data."""
+    out = ROOT / "gptq-only" / f"s{seed}"
+    if not (out / "quantize.csv").is_file():
+        cli(["quantize", CONFIG, f"seed={seed}", "--checkpoints", base_student(), "--out", str(out),
+             "--data", str(ROOT / "shared" / "generate" / "data.jsonl")], f"gptq-only-s{seed}")
+    (name,) = [p for p in out.iterdir() if (p / "gptq" / "config.json").is_file()]
+    return name / "gptq"
+
+
+# ---- statistics on per-item predictions -------------------------------------------------------
+
+def samples(name: str) -> dict:
+    """{(task, item_id): row} of a model scored under ROOT/eval (lm-eval's per-item predictions)."""
+    path = ROOT / "eval" / name / "samples.jsonl"
+    return {(r["task"], r["item_id"]): r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def choice(row: dict) -> int:
+    ll = row["loglikelihoods"]
+    return max(range(len(ll)), key=ll.__getitem__)
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (n-1 in the variance); se 0 for one value."""
+    n = len(xs)
+    m = sum(xs) / n
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n) if n > 1 else 0.0)
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    """Mean and standard deviation over seeds."""
+    m, se = mean_se(xs)
+    return m, se * math.sqrt(len(xs))
+
+
+def per_task(rows: dict, value) -> dict[str, float]:
+    """{task: mean of value(row)} plus 'mean' = the mean over all items."""
+    tasks = sorted({t for t, _ in rows})
+    out = {t: sum(value(r) for (tt, _), r in rows.items() if tt == t) / sum(1 for tt, _ in rows if tt == t)
+           for t in tasks}
+    out["mean"] = sum(value(r) for r in rows.values()) / len(rows)
+    return out
+
+
+def acc(row: dict) -> float:
+    return float(row["acc"])
