@@ -177,22 +177,29 @@ def test_grid_mismatch_and_missing_spec_are_refused(qat_run, tmp_path):
         read_spec(tmp_path)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+# later-step tolerance per strategy: ddp/fsdp2 run our DistMuon, zero2 DeepSpeed's Muon (its own bf16 kernel)
+LATER_TOL = {"ddp": 1e-2, "fsdp2": 1e-2, "zero2": 5e-2}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero2"])
 def test_two_ranks_train_like_one(qat_run, tmp_path, write_train_data, strategy):
-    """2 gloo ranks (ddp, or fsdp2 with sharded weights; DistMuon) train like one process. Step 1 (same weights, so the same grid)
-    within 1e-5; later steps within 1% (measured 0.41% at most): the reduction-order differences
-    that stay under 0.1% without QAT (tests/distributed/test_distill_parallel.py) move a few weights
-    across a rounding boundary of the 4-bit grid, which changes the forward by a whole grid step."""
+    """2 gloo ranks (ddp, or fsdp2 with sharded weights; DistMuon; or DeepSpeed ZeRO-2 with its Muon) train
+    like one process. Step 1 (same weights, so the same grid) within 1e-5; later steps within 1% for ours
+    (measured 0.41% at most): the reduction-order differences that stay under 0.1% without QAT
+    (tests/distributed/test_distill_parallel.py) move a few weights across a rounding boundary of the
+    4-bit grid, which changes the forward by a whole grid step. DeepSpeed's Muon rounds differently
+    (its whole runs are held to 1% without QAT there), so ZeRO-2 gets 5% (measured 1.4%)."""
     path = _yaml(tmp_path, strategy, qat_run.teacher, qat_run.student, write_train_data)
-    cmd = [sys.executable, "-m", "refinery.launch.cli", "distill", str(path), "--nproc", "2",
-           f"distill.parallel.strategy={strategy}"]
+    flags = (["distill.parallel.strategy=deepspeed", "distill.parallel.zero_stage=2"] if strategy == "zero2"
+             else [f"distill.parallel.strategy={strategy}"])
+    cmd = [sys.executable, "-m", "refinery.launch.cli", "distill", str(path), "--nproc", "2", *flags]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     one = read_jsonl(qat_run.distill / "metrics.jsonl")
     two = read_jsonl(tmp_path / strategy / "distill" / "metrics.jsonl")
     rel = [abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(one, two, strict=True)]
-    assert rel[0] <= 1e-5 and max(rel) <= 1e-2, rel
+    assert rel[0] <= 1e-5 and max(rel) <= LATER_TOL[strategy], rel
     assert two[-1]["loss"] < 0.6 * two[0]["loss"]  # and it trains (measured 39.9 -> 14.9)
     # diagnostics gather sharded (fsdp2) weights on every rank; rank 0 writes them
     assert len(read_jsonl(tmp_path / strategy / "distill" / "qat_diagnostics.jsonl")) == 4 * 2 * 7
