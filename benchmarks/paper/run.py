@@ -63,18 +63,18 @@ def models_to_score() -> dict[str, str]:
 
     teacher, base = resolve_models(load(common.CONFIG, []).models)
     out = {"teacher": teacher, "student_base": base}
+    fp, w4 = {}, {}  # grouped by architecture, so the workers swap weights into one engine (refinery.evals.pool)
     for seed in SEEDS:
         for arm in MAIN_ARMS + ABLATION:
             q = common.run_dir(arm, seed) / "quantize"
             if not (q / "manifest.json").is_file():
                 continue
-            out[f"{arm}-s{seed}-fp"] = str(q / "merged")
+            fp[f"{arm}-s{seed}-fp"] = str(q / "merged")
             if arm in MAIN_ARMS:
-                out[f"{arm}-s{seed}-w4"] = str(q / "gptq")
-        g = ROOT / "gptq-only" / f"s{seed}"
-        if (g / "quantize.csv").is_file():
-            out[f"gptq-only-s{seed}"] = str(common.gptq_only(seed))
-    return out
+                w4[f"{arm}-s{seed}-w4"] = str(q / "gptq")
+        if (ROOT / "gptq-only" / f"s{seed}" / "quantize.csv").is_file():
+            w4[f"gptq-only-s{seed}"] = str(common.gptq_only(seed))
+    return {**out, **fp, **w4}
 
 
 def evaluate() -> None:
