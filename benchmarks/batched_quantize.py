@@ -3,7 +3,7 @@
     python benchmarks/batched_quantize.py                 # 4 quickstart students, ~15 min on 2 idle cores
     python benchmarks/batched_quantize.py --workers 1 2   # batched with 1 actor, then with 2 (1 core each on CPU)
     python benchmarks/batched_quantize.py --command batch # quantize + evaluate (vLLM workers): `refinery batch`
-    python benchmarks/batched_quantize.py --command batch --variants "" "--no-overlap"   # one batched job each
+    python benchmarks/batched_quantize.py --command batch --variants default no-overlap   # one batched job each
 
 The checkpoints are the distill adapters of finished quickstart-config runs (12-layer SmolLM2 cut):
 their `distill/` dirs are copied into `<work>/ckpts/<run>/` (the runs are only read). Both sides run
@@ -62,8 +62,9 @@ def main() -> int:
     ap.add_argument("--work", default="runs/bench-batched-quantize", help="scratch dir (recreated)")
     ap.add_argument("--workers", type=int, nargs="+", default=[None],
                     help="actors of the batched job, one batched job per value (default: its own default)")
-    ap.add_argument("--variants", nargs="+", default=[""],
-                    help="extra flags of the batched job, one batched job per value (e.g. '' '--no-overlap')")
+    ap.add_argument("--variants", nargs="+", default=["default"],
+                    help="one batched job per value: 'default' (no extra flag) or a flag without its dashes, "
+                         "e.g. no-overlap")
     ap.add_argument("--order", choices=["batched-first", "separate-first"], default="batched-first")
     ap.add_argument("--command", choices=["quantize", "batch"], default="quantize",
                     help="quantize: `refinery quantize --checkpoints`; batch: `refinery batch` (quantize + evaluate)")
@@ -86,8 +87,9 @@ def main() -> int:
     def batched():
         for w in args.workers:
             for flags in args.variants:
-                key = "-".join(filter(None, [f"workers={w}" if w else "", flags.strip().lstrip("-")])) or "default"
-                cmd = [*base, "--checkpoints", *ckpts, "--out", str(work / f"batched-{key}"), *flags.split()]
+                extra = [] if flags == "default" else [f"--{flags.lstrip('-')}"]
+                key = "-".join(filter(None, [f"workers={w}" if w else "", flags])) or "default"
+                cmd = [*base, "--checkpoints", *ckpts, "--out", str(work / f"batched-{key}"), *extra]
                 la = load_avg()
                 wall = timed(cmd + (["--workers", str(w)] if w else []), work / f"batched-{key}.log")
                 result["batched"][key] = {"wall_s": wall, "load_before": la, "load_after": load_avg(),
