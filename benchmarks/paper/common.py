@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import cache
 from pathlib import Path
 
 CONFIG = "configs/quickstart.yaml"
@@ -109,6 +110,7 @@ def gptq_only(seed: int) -> Path:
 
 # ---- statistics on per-item predictions -------------------------------------------------------
 
+@cache
 def samples(name: str) -> dict:
     """{(task, item_id): row} of a model scored under ROOT/eval (lm-eval's per-item predictions)."""
     path = ROOT / "eval" / name / "samples.jsonl"
@@ -144,3 +146,38 @@ def per_task(rows: dict, value) -> dict[str, float]:
 
 def acc(row: dict) -> float:
     return float(row["acc"])
+
+
+# ---- tests of a difference ----------------------------------------------------------------------
+
+def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """mean(a) - mean(b), its standard error from the seed spreads, and Welch's degrees of freedom."""
+    (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
+    va, vb = sa ** 2 / len(a), sb ** 2 / len(b)
+    parts = [v ** 2 / (n - 1) for v, n in ((va, len(a)), (vb, len(b))) if n > 1 and v > 0]
+    df = (va + vb) ** 2 / sum(parts) if parts else float("nan")
+    return ma - mb, math.sqrt(va + vb), df
+
+
+def significant(diff: float, se: float, df: float) -> bool:
+    """Two-sided Welch t-test at 5%: with 3 seeds the critical value is ~2.8-4.3 standard errors, not 2."""
+    from scipy.stats import t
+
+    return se > 0 and not math.isnan(df) and abs(diff) > t.ppf(0.975, df) * se
+
+
+def item_contrast(terms: list[tuple[float, list[str]]], task: str | None = None) -> tuple[float, float]:
+    """Mean and se over items of sum(sign * accuracy averaged over the models' seeds), paired per item:
+    what the seed spread leaves out (every model is scored on the same items)."""
+    groups = [(sign, [samples(n) for n in names]) for sign, names in terms]
+    keys = [k for k in groups[0][1][0] if task is None or k[0] == task]
+    return mean_se([sum(sign * sum(acc(s[k]) for s in ss) / len(ss) for sign, ss in groups) for k in keys])
+
+
+def decide(seed: tuple[float, float, float], item: tuple[float, float] | None, good: str, bad: str) -> str:
+    """good/bad when the difference passes the seed t-test and (if given) 2 item-paired standard errors."""
+    d, se, df = seed
+    ok = significant(d, se, df)
+    if item is not None:
+        ok = ok and item[1] > 0 and abs(item[0]) > 2 * item[1] and (item[0] > 0) == (d > 0)
+    return (good if d > 0 else bad) if ok else "inconclusive"
