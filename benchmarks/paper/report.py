@@ -31,6 +31,7 @@ from common import (
     samples,
     welch,
 )
+from plots import plot_bars, plot_outliers
 
 from refinery.evals.plots import _pyplot, _save
 
@@ -92,7 +93,7 @@ def flips(fp: str, w4: str) -> float:
     return sum(choice(a[k]) != choice(b[k]) for k in a) / len(a)
 
 
-def exp1(lines: list[str]) -> None:
+def exp1(lines: list[str], out: Path) -> None:
     lines += ["## 1. Muon vs Adam: accuracy of the float and 4-bit student, and the drop", ""]
     if not (seeds_of("muon") and seeds_of("adamw")):
         lines += ["Not run yet (needs both arms evaluated).", ""]
@@ -104,7 +105,10 @@ def exp1(lines: list[str]) -> None:
         drop[arm] = {t: [x - y for x, y in zip(fp[t], w4[t])] for t in tasks}
         rows += [(f"{arm} float (n={len(fp['mean'])})", fp), (f"{arm} 4-bit GPTQ", w4),
                  (f"{arm} drop (float - 4-bit)", drop[arm])]
-    lines += [("Accuracy mean ± sd over seeds, per task and over all items (`mean`); drop = float - 4-bit "
+    plot_bars({name: vals for name, vals in rows if "drop" not in name}, tasks, "accuracy (mean ± sd over seeds)",
+               out / "muon_vs_adam.png")
+    lines += ["![Muon vs Adam](muon_vs_adam.png)", "",
+              ("Accuracy mean ± sd over seeds, per task and over all items (`mean`); drop = float - 4-bit "
               "of the same seed (positive = quantization hurt)."), "", *task_table(rows, tasks), "",
               "| task | drop Adam - drop Muon | call |", "|---|---:|---|"]
     calls = {}
@@ -227,7 +231,7 @@ LOSSES = [("muon", "forward KL, alpha 1"), ("fkl-a0.5", "forward KL, alpha 0.5")
           ("rkl-a0.5", "reverse KL, alpha 0.5"), ("jsd", "JSD, alpha 1"), ("jsd-a0.5", "JSD, alpha 0.5")]
 
 
-def exp4(lines: list[str]) -> None:
+def exp4(lines: list[str], out: Path) -> None:
     arms = [(a, d) for a, d in LOSSES if seeds_of(a)]
     lines += ["## 4. KD loss ablation (Muon, float student)", ""]
     if len(arms) < 2 or not have("teacher"):
@@ -239,9 +243,18 @@ def exp4(lines: list[str]) -> None:
     lines += ["alpha weighs the KD term: loss = alpha * KD + (1 - alpha) * CE on the teacher-written answers.", "",
               *task_table([(f"{d} (n={len(table[a]['mean'])})", table[a]) for a, d in arms], tasks),
               "", "| loss | agreement with teacher | gold-answer log-lik (nats) |", "|---|---:|---:|"]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
     for a, d in arms:
         agree, gold = fidelity(names(a), teacher)
         lines.append(f"| {d} | {fmt(*mean_sd(agree))} | {fmt(*mean_sd(gold), 2)} |")
+        ax.scatter(agree, gold, label=d, marker="o" if "a0.5" not in a else "s")
+    ax.set(xlabel="agreement with the teacher's choice", ylabel="gold-answer log-likelihood (nats)",
+           title="KD loss ablation: one point per seed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, out / "kd_ablation.png")
+    lines += ["", "![KD loss ablation](kd_ablation.png)"]
     one = [a for a, _ in arms if "a0.5" not in a]
     half = [a for a, _ in arms if "a0.5" in a]
     seed = welch([x for a in half for x in table[a]["mean"]], [x for a in one for x in table[a]["mean"]])
@@ -297,7 +310,7 @@ def exp5(lines: list[str], out: Path) -> None:
             mean_sd([layer_mean(x, s, "kurtosis") for x in groups[g]])[0] for g in ("muon", "adamw")]
         lines.append(f"| {s} | {layer_mean(got['student_base'], s):.1f} | {fmt(*mean_sd(mu), 1)} | {fmt(*mean_sd(ad), 1)} "
                      f"| {fmt_test(test, digits=1)} | {calls[s]} | {' / '.join(f'{x:.0f}' for x in k)} |")
-    _plot_outliers(got["student_base"], groups, out / "outliers.png")
+    plot_outliers(got["student_base"], groups, out / "outliers.png")
     fewer = [s for s, c in calls.items() if c == "Muon fewer"]
     more = [s for s, c in calls.items() if c == "Muon more"]
     verdict = ("supported" if len(fewer) > len(sites) / 2 and not more else
@@ -314,22 +327,6 @@ def exp5(lines: list[str], out: Path) -> None:
               + ". In this run the residual-stream plot shows why: from layer 4 on, the base student and every AdamW seed "
               "carry a massive activation (ratio in the hundreds to thousands); a Muon seed either lacks it "
               "(ratio ~100) or has the largest one. Three seeds cannot tell a tendency from chance here.", ""]
-
-
-def _plot_outliers(base: list[dict], groups: dict, path: Path) -> None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, site in zip(axes, ("residual", "down_proj_in")):
-        for (label, runs), color in ((("base", [base]), "#8c8c8c"), (("Muon", groups["muon"]), "#c44e52"),
-                                     (("AdamW", groups["adamw"]), "#4c72b0")):
-            for i, st in enumerate(runs):
-                rows = [r for r in st if r["site"] == site]
-                ax.plot([r["layer"] for r in rows], [r["ratio"] for r in rows], color=color, alpha=0.8,
-                        label=label if i == 0 else None, marker="o", ms=3)
-        ax.set(yscale="log", xlabel="decoder layer", ylabel="max |x| / median |x|", title=site)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    _save(fig, path)
 
 
 def _walls() -> list[dict]:
@@ -386,8 +383,10 @@ def main() -> None:
     a = p.parse_args()
     lines: list[str] = []
     header(lines)
-    for exp in (exp1, exp2, exp3, exp4):
-        exp(lines)
+    exp1(lines, a.out)
+    exp2(lines)
+    exp3(lines)
+    exp4(lines, a.out)
     exp5(lines, a.out)
     footer(lines)
     verdicts = [x.split(":**")[0].split(".**")[0].removeprefix("**Verdict ") for x in lines if x.startswith("**Verdict")]
