@@ -100,8 +100,11 @@ def run_replicate(sweep, sweep_dir: Path, params: dict, k: int, base_seed: int, 
     env.update(_ray_address())  # distill.parallel.launcher=ray: the TorchTrainer joins the sweep's cluster
     t0 = time.time()
     with (run_dir / "trial.log").open("a") as log:
+        # own process group: a raylet shutting down SIGKILLs its workers' groups at once (seen under
+        # Slurm's requeue), which would kill the chain before it checkpoints; it still gets SIGTERM
+        # from Slurm, from the trial (below) and when the trial process dies (PDEATHSIG)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_die_with_parent, process_group=0)
         (run_dir / LOCK).write_text(str(proc.pid))
         try:
             while True:

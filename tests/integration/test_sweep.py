@@ -33,12 +33,15 @@ def test_sweep_survives_kill_9_of_the_driver(tmp_path, tiny_sweep):
     while time.time() < deadline and proc.poll() is None:
         done = list((sweep_dir / "results").glob("*.json"))
         running = list((sweep_dir / "runs").glob("*/.trial.pid")) if (sweep_dir / "runs").is_dir() else []
-        if done and running:
+        if done and running and running[0].read_text().strip():
             break
         time.sleep(0.2)
     assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
     first = {p.parent.parent.name: p.stat().st_mtime for p in (sweep_dir / "runs").glob("*/evaluate/manifest.json")}
     assert first  # at least one configuration was complete when the driver died
+    # the chain leads its own process group: a raylet shutting down SIGKILLs its workers' groups
+    chain = int(running[0].read_text())
+    assert os.getpgid(chain) == chain, "the trial's chain shares its Ray worker's process group"
     os.kill(proc.pid, signal.SIGKILL)  # the driver only: its trial process is left behind
     proc.wait()
 
