@@ -155,7 +155,8 @@ def quantize_tokenized(model_dir: str | Path, out_dir: str | Path, cfg: Quantize
         calib = []
     else:
         # min_length=1: GPTQModel silently drops texts under 10 tokens by default; short answers are real data.
-        model.quantize(calib, tokenizer=tokenizer, batch_size=1, calibration_data_min_length=1)
+        model.quantize(calib, tokenizer=tokenizer, batch_size=cfg.calibration_batch_size,
+                       calibration_data_min_length=1)
     out_dir = Path(out_dir)
     recipe = {"config": to_dict(cfg), "source": source or str(model_dir), "calibration_samples": len(calib),
               "calibration_tokens": sum(len(c["input_ids"]) for c in calib)}

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
     ("quantize.damp_percent=1.5", "quantize.damp_percent: got 1.5, expected a number in (0, 1)"),
     ("quantize.calibration_samples=0", "quantize.calibration_samples: got 0"),
     ("quantize.calibration_max_len=4", "quantize.calibration_max_len: got 4"),
+    ("quantize.calibration_batch_size=0", "quantize.calibration_batch_size: got 0, expected an integer >= 1"),
     ("quantize.dtype=int8", "quantize.dtype: got 'int8'"),
     ("quantize.device=tpu", "quantize.device: got 'tpu'"),
 ])
