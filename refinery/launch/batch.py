@@ -77,16 +77,13 @@ def run_batch(cfg, sources: list, out: Path, workers: int | None = None, method:
     overlap: each checkpoint is scored (on a driver thread, by the pool's workers) while the next
     ones quantize; else the halves run one after the other. See `plan_devices` for who gets what.
     """
-    import torch
-
     from refinery.core.rayctl import PrivateRay
     from refinery.evals.batch import evaluate_many
     from refinery.quantize.batch import quantize_many
-    from refinery.quantize.serve_check import vllm_refusal
+    from refinery.quantize.serve_check import refuse_unservable_bits
 
-    why = vllm_refusal(cfg.quantize.bits, torch.cuda.is_available())
-    if why:  # the vLLM workers would refuse every model after the quantize half's work
-        raise ConfigError(f"quantize.bits: got {cfg.quantize.bits}; `refinery batch` scores with vLLM workers and {why}")
+    # the vLLM workers would refuse every model, after the quantize half's work
+    refuse_unservable_bits(cfg.quantize.bits, "`refinery batch` scores with vLLM workers")
     latency = cfg.evaluate.latency.enabled if latency is None else latency
     log = logging.getLogger("refinery.batch")
     overlap, q_workers, e_workers, extra_cpus = plan_devices(workers, overlap)

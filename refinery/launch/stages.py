@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from refinery.core.config import ConfigError, config_hash, to_dict
+from refinery.core.config import config_hash, to_dict
 from refinery.core.manifest import is_complete, manifest_hash, write_manifest
 
 log = logging.getLogger("refinery")
@@ -70,6 +70,7 @@ def stage_identity(cfg, stage: Stage) -> tuple[dict, str]:
 def check_fresh(cfg, need: str) -> None:
     """Refuse to read a needed stage's outputs made for another config (only teacher-logits is
     checked: its settings are not part of the reader's config, so nothing else would notice)."""
+    from refinery.core.config import ConfigError
     from refinery.core.manifest import read_manifest
 
     if need != "teacher-logits":
@@ -109,11 +110,8 @@ def run_stage(cfg, name: str, force: bool = False) -> dict:
 def run_pipeline(cfg, stages: list[str] | None = None, force: bool = False) -> list[dict]:
     todo = [s.name for s in STAGES if wanted(cfg, s) and (stages is None or s.name in stages)]
     if "evaluate" in todo and cfg.evaluate.backend == "vllm" and "student_quant" in cfg.evaluate.models:
-        import torch
+        from refinery.quantize.serve_check import refuse_unservable_bits
 
-        from refinery.quantize.serve_check import vllm_refusal
-
-        why = vllm_refusal(cfg.quantize.bits, torch.cuda.is_available())
-        if why:  # before any stage's work, not when evaluate starts the engine
-            raise ConfigError(f"quantize.bits: got {cfg.quantize.bits} with evaluate.backend=vllm; {why}")
+        # before any stage's work, not when evaluate starts the engine
+        refuse_unservable_bits(cfg.quantize.bits, "evaluate.backend=vllm scores student_quant with vLLM")
     return [run_stage(cfg, name, force) for name in todo]

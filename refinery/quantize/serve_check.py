@@ -41,6 +41,18 @@ def vllm_refusal(bits: int, cuda: bool) -> str | None:
     return None
 
 
+def refuse_unservable_bits(bits: int, why_vllm: str) -> None:
+    """ConfigError before any work when vLLM on this machine cannot serve `bits`-bit GPTQ;
+    `why_vllm` says what would hand the models to vLLM (named in the message)."""
+    import torch
+
+    from refinery.core.config import ConfigError
+
+    why = vllm_refusal(bits, torch.cuda.is_available())
+    if why:
+        raise ConfigError(f"quantize.bits: got {bits}; {why_vllm} and {why}")
+
+
 def vllm_generate(model_dir: str | Path, prompts: list[str], max_tokens: int = 8, dtype: str = "bfloat16",
                   timeout: float = 600) -> list[list[int]]:
     """Token ids vLLM generates greedily for each prompt from `model_dir` (run in a child process)."""

