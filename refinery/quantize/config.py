@@ -47,8 +47,6 @@ class QuantizeConfig:
 
     def __post_init__(self):
         check(self.bits in (3, 4, 8), "bits", self.bits, "3, 4 or 8")
-        check(isinstance(self.calibration_batch_size, int) and self.calibration_batch_size >= 1,
-              "calibration_batch_size", self.calibration_batch_size, "an integer >= 1")
         check(self.group_size == -1 or self.group_size >= 16, "group_size", self.group_size,
               "-1 or an integer >= 16")
         check(not (self.act_order and self.desc_act), "desc_act", self.desc_act,
@@ -58,4 +56,6 @@ class QuantizeConfig:
         check(0 < self.damp_percent < 1, "damp_percent", self.damp_percent, "a number in (0, 1)")
         check(self.calibration_samples >= 1, "calibration_samples", self.calibration_samples, "an integer >= 1")
         check(self.calibration_max_len >= 8, "calibration_max_len", self.calibration_max_len, "an integer >= 8")
+        check(self.calibration_batch_size >= 1, "calibration_batch_size", self.calibration_batch_size,
+              "an integer >= 1")
         check(self.error_samples >= 1, "error_samples", self.error_samples, "an integer >= 1")
