@@ -260,6 +260,14 @@ def test_submit_records_job_and_exit_code(slurm_cluster, jobs, tmp_path):
         submit(SlurmConfig(partition="nope", start_ray=False), ["true"], sweep)
 
 
+def start_now(cluster, job_id: str, *update: str) -> None:
+    """Start a requeued job now instead of after its ~2 min EligibleTime. Not in the second of the
+    requeue: slurmd refuses a job credential no newer than the revoked one ("Killing non-startable
+    batch JobId=3: Job credential revoked", seen when the restart followed the requeue within 1 s)."""
+    time.sleep(2)
+    cluster.run("scontrol", "update", f"jobid={job_id}", "StartTime=now", *update)
+
+
 def _requeue_and_finish(cluster, sweep: Path, job_id: str, progress: Path, signum: int, total: int,
                         update: tuple[str, ...] = (), timeout: float = 30) -> None:
     """After a signal made the job checkpoint: it is pending again; start it now; it resumes and completes."""
@@ -272,7 +280,7 @@ def _requeue_and_finish(cluster, sweep: Path, job_id: str, progress: Path, signu
     assert st.restarts == 1, info()
     # a requeued job may start only ~2 min later (EligibleTime); StartTime=now skips the wait
     assert (datetime.fromisoformat(st.fields["EligibleTime"]) - datetime.now()).total_seconds() > 60, info()
-    cluster.run("scontrol", "update", f"jobid={job_id}", "StartTime=now", *update)
+    start_now(cluster, job_id, *update)
     st = wait_for(lambda: (s := status(job_id)).state == "COMPLETED" and s, 90, "the job to complete", info)
     assert st.exit_code == "0:0" and st.restarts == 1
     got = lines(progress)

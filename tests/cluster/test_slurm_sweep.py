@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_slurm import free_port, job_info, jobs, wait_for  # noqa: F401  (jobs: the fixture)
+from test_slurm import free_port, job_info, jobs, start_now, wait_for  # noqa: F401  (jobs: the fixture)
 
 from refinery.cluster.slurm import main, status
 from refinery.core.manifest import read_jsonl
@@ -59,7 +59,7 @@ def test_sweep_job_survives_scontrol_requeue(slurm_cluster, jobs, tmp_path, tiny
 
     st = wait_for(lambda: (s := status(job_id)).state == "PENDING" and s, 120, "the job to be pending again", info)
     assert st.restarts == 1, info()
-    slurm_cluster.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")  # skip the requeue delay
+    start_now(slurm_cluster, job_id)  # skip the requeue delay
     st = wait_for(lambda: (s := status(job_id)).state not in ("PENDING", "RUNNING", "COMPLETING") and s, 900,
                   "the requeued job to end", info)
     assert (st.state, st.exit_code, st.restarts) == ("COMPLETED", "0:0", 1), info()
