@@ -4,6 +4,7 @@
     refinery generate|teacher-logits|distill|quantize|evaluate|report CONFIG [overrides]
     refinery distill CONFIG --nproc 2 [distill.parallel.strategy=fsdp2]   # torchrun, N processes
     refinery check CONFIG [overrides]        # validate only, print the resolved config
+    refinery models list | pull NAME | import FILE.gguf [--name N]   # qwen2.5-coder-1.5b/-0.5b, any GGUF
     refinery sweep SWEEP.yaml [--address auto] | refinery sweep status SWEEP_DIR
     refinery cluster slurm SWEEP.yaml [--nodes N --time T] [--dry-run]   # sbatch: Ray + sweep driver, requeue
     refinery quantize CONFIG --checkpoints P [P ...] | --sweep DIR --out DIR   # many checkpoints, one job
@@ -24,6 +25,8 @@ STAGE_CMDS = ("generate", "teacher-logits", "distill", "quantize", "evaluate", "
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="refinery", description="Distill, quantize and evaluate a small student LLM.")
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("models", help="offline model registry and GGUF import (refinery models list | pull NAME | "
+                                  "import FILE.gguf [--name N])")
     sub.add_parser("sweep", help="Bayesian hyperparameter sweep (refinery sweep SWEEP.yaml | status DIR)")
     sub.add_parser("batch", help="quantize and evaluate many checkpoints in one job (refinery batch CONFIG "
                                  "--checkpoints P ... --out DIR)")
@@ -48,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["models"]:  # registry and GGUF import: no config
+        from refinery.launch.models_cli import main as models_main
+
+        return models_main(argv[1:])
     if argv[:1] == ["sweep"]:  # its own parser (and `sweep status DIR`)
         from refinery.cluster.sweep import main as sweep_main
 

@@ -28,7 +28,7 @@ from refinery.core.manifest import (
     read_jsonl,
     write_jsonl,
 )
-from refinery.core.models import resolve_models
+from refinery.core.models import resolve_model, resolve_models
 from refinery.core.stage import Context, Result
 from refinery.train import checkpoint as ckpt
 from refinery.train import dist
@@ -74,7 +74,8 @@ def load_models(ctx: Context, cfg: DistillConfig, dev: torch.device, with_teache
     if with_teacher or not ctx.models.student.path:
         teacher_path, student_path = resolve_models(ctx.models)
     else:  # topk: the teacher's logits come from the cache; the teacher need not exist on this machine
-        teacher_path, student_path = ctx.models.teacher, ctx.models.student.path
+        teacher_path = ctx.models.teacher
+        student_path = resolve_model(ctx.models.student.path, "models.student.path")
     remote = ctx.models.trust_remote_code
     dtype = getattr(torch, cfg.dtype)
     tok = AutoTokenizer.from_pretrained(student_path, trust_remote_code=remote)
