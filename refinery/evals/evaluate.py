@@ -78,12 +78,15 @@ def _sample_rows(samples: dict, specs: list[TaskSpec]) -> list[dict]:
     return rows
 
 
-def score_model(model, tokenizer, specs: list[TaskSpec], tm, batch_size: int, seed: int) -> dict:
+def score_model(model, tokenizer, specs: list[TaskSpec], tm, batch_size: int, seed: int,
+                shared_context: bool = True) -> dict:
     """Run lm-eval (HF backend) on all tasks with an already loaded model; lm-eval's raw output."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    from refinery.evals.shared_lm import SharedContextLM
+
+    lm = (SharedContextLM if shared_context else HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     return lm_eval.simple_evaluate(model=lm, tasks=[s.lm_eval_name for s in specs], task_manager=tm,
                                    num_fewshot=0, log_samples=True, random_seed=seed,
                                    numpy_random_seed=seed, torch_random_seed=seed)
@@ -95,7 +98,7 @@ def _evaluate_one(name: str, path: str, ctx: Context, cfg: EvaluateConfig, specs
     t0 = time.time()
     model, tok = load_model(path, dtype=cfg.dtype, trust_remote_code=ctx.models.trust_remote_code)
     load_s = time.time() - t0
-    raw = score_model(model, tok, specs, tm, cfg.batch_size, ctx.seed)
+    raw = score_model(model, tok, specs, tm, cfg.batch_size, ctx.seed, cfg.shared_context)
     eval_s = time.time() - t0 - load_s
     samples = raw.pop("samples", {})
     write_json(out / "lmeval" / f"{name}.json", raw)
