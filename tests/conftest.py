@@ -66,7 +66,7 @@ def write_train_data():
                       "score": 8.0} for it in seed_items[:per_task]]
         gen = run_dir / "generate"
         write_jsonl(gen / "data.jsonl", rows)
-        write_manifest(gen, stage="generate", config={}, cfg_hash="fixture", inputs={},
+        write_manifest(gen, stage="generate", config={}, cfg_hash="fixture", inputs={}, external=True,
                        metrics={"rows": len(rows)}, started=time.time(), outputs=["data.jsonl"])
         return rows
 
@@ -117,7 +117,7 @@ def write_adapter():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=std)
         peft_model.save_pretrained(run / "distill" / "adapter")
-        write_manifest(run / "distill", stage="distill", config={}, cfg_hash="test", inputs={}, metrics={},
+        write_manifest(run / "distill", stage="distill", config={}, cfg_hash="test", inputs={}, metrics={}, external=True,
                        started=time.time(), outputs=["adapter/adapter_model.safetensors"])
 
     return write

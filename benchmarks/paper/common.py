@@ -85,7 +85,7 @@ def train(arm: str, seed: int, stages: str = "distill,quantize", extra: list[str
     d.mkdir(parents=True, exist_ok=True)
     if not (d / "generate").exists():
         (d / "generate").symlink_to((ROOT / "shared" / "generate").resolve(), target_is_directory=True)
-    cli(["run", CONFIG, f"run_dir={d}", f"seed={seed}", *arm_overrides(arm), *extra, "--stages", stages],
+    cli(["run", CONFIG, f"run_dir={d}", f"seed={seed}", *arm_overrides(arm), *extra, "--stages", stages, "--reuse", "generate"],
         f"{arm}-s{seed} {stages}")
     return d
 

@@ -94,7 +94,8 @@ def run_replicate(sweep, sweep_dir: Path, params: dict, k: int, base_seed: int, 
     if not gen.exists():
         gen.symlink_to(sweep_dir / "shared" / "generate", target_is_directory=True)
     cmd = [sys.executable, "-m", "refinery.launch.cli", "run", sweep.base, *overrides(sweep, params),
-           f"run_dir={run_dir}", f"seed={base_seed + k}", "--stages", STAGES]
+           f"run_dir={run_dir}", f"seed={base_seed + k}", "--stages", STAGES,
+           "--reuse", "generate"]  # one shared generate (made at the base seed) for every replicate
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     env.update(_ray_address())  # distill.parallel.launcher=ray: the TorchTrainer joins the sweep's cluster

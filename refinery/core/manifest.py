@@ -124,8 +124,49 @@ def is_complete(stage_dir: str | Path, cfg_hash: str, inputs: dict[str, str]) ->
                 and m.get("inputs") == inputs)
 
 
+def file_records(stage_dir: str | Path, outputs: list[str]) -> dict[str, list]:
+    """{relative path: [bytes, mtime_ns, sha256]} of every file under the listed outputs (dirs walked)."""
+    root = Path(stage_dir)
+    files = {}
+    for rel in outputs:
+        p = root / rel
+        for f in sorted(p.rglob("*")) if p.is_dir() else [p] if p.is_file() else []:
+            if f.is_file() and f.name != MANIFEST:
+                st = f.stat()
+                files[str(f.relative_to(root))] = [st.st_size, st.st_mtime_ns, file_hash(f)]
+    return files
+
+
+def verify_outputs(stage_dir: str | Path, m: dict | None = None) -> list[str]:
+    """What no longer matches the files recorded in a stage's manifest (empty: intact). A file whose
+    size and mtime are unchanged is taken as is; otherwise its sha256 decides (a copied run dir
+    has new mtimes and the same bytes)."""
+    root = Path(stage_dir)
+    m = read_manifest(root) if m is None else m
+    if m is None:
+        return [f"{root / MANIFEST} is missing or unreadable"]
+    if "files" not in m:
+        return [f"{root / MANIFEST} records no output files (written before output checks existed)"]
+    problems = []
+    for rel, (size, mtime_ns, digest) in m["files"].items():
+        f = root / rel
+        if not f.is_file():
+            problems.append(f"{rel} is missing")
+            continue
+        st = f.stat()
+        if st.st_size != size:
+            problems.append(f"{rel} has {st.st_size} bytes, {size} when written")
+        elif st.st_mtime_ns != mtime_ns and file_hash(f) != digest:
+            problems.append(f"{rel} has other content than when written")
+    return problems
+
+
 def write_manifest(stage_dir: str | Path, *, stage: str, config: dict, cfg_hash: str,
-                   inputs: dict[str, str], metrics: dict, started: float, outputs: list[str]) -> dict:
+                   inputs: dict[str, str], metrics: dict, started: float, outputs: list[str],
+                   external: bool = False) -> dict:
+    """The stage's record, written last and atomically; `files` holds each output file's size,
+    mtime and sha256. external: made outside the pipeline (user data, a test's stand-in), so
+    readers check its files but not that its config matches theirs."""
     m = {
         "stage": stage,
         "status": "complete",
@@ -133,11 +174,14 @@ def write_manifest(stage_dir: str | Path, *, stage: str, config: dict, cfg_hash:
         "config_hash": cfg_hash,
         "inputs": inputs,
         "outputs": outputs,
+        "files": file_records(stage_dir, outputs),
         "metrics": metrics,
         "versions": versions(),
         "started": started,
         "finished": time.time(),
         "wall_s": round(time.time() - started, 2),
     }
+    if external:
+        m["external"] = True
     write_json(Path(stage_dir) / MANIFEST, m)
     return m

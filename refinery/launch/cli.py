@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.steps=50")
         if name != "check":
             sp.add_argument("--force", action="store_true", help="re-run even if the stage is complete")
+            sp.add_argument("--reuse", default="", metavar="STAGES",
+                            help="comma-separated stages whose outputs are taken as they are even if made "
+                                 "for another config (their files are still checked), e.g. generate")
         if name == "run":
             sp.add_argument("--stages", default=None,
                             help="comma-separated subset of the stages to run, e.g. distill,quantize,evaluate")
@@ -99,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     from refinery.train.preempt import Preempted
 
     logging.getLogger("refinery").info("run dir: %s", cfg.run_dir)
+    reuse = frozenset(x for x in getattr(args, "reuse", "").split(",") if x)
+    if reuse - set(STAGE_CMDS):
+        print(f"refinery: --reuse: unknown stage {sorted(reuse - set(STAGE_CMDS))[0]!r}; stages: "
+              f"{', '.join(STAGE_CMDS)}", file=sys.stderr)
+        return 2
     try:
         if args.cmd == "run":
             stages = args.stages.split(",") if args.stages else None
@@ -106,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 print(f"refinery: --stages: unknown stage {bad[0]!r}; stages: {', '.join(STAGE_CMDS)}", file=sys.stderr)
                 return 2
-            results = run_pipeline(cfg, stages, force=args.force)
+            results = run_pipeline(cfg, stages, force=args.force, reuse=reuse)
         else:
-            results = [run_stage(cfg, args.cmd, force=args.force)]
+            results = [run_stage(cfg, args.cmd, force=args.force, reuse=reuse)]
     except (ConfigError, FileNotFoundError) as e:
         print(f"refinery: {e}", file=sys.stderr)
         return 2

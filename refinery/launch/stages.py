@@ -67,35 +67,65 @@ def stage_identity(cfg, stage: Stage) -> tuple[dict, str]:
     return resolved, config_hash(hashed)
 
 
-def check_fresh(cfg, need: str) -> None:
-    """Refuse to read a needed stage's outputs made for another config (only teacher-logits is
-    checked: its settings are not part of the reader's config, so nothing else would notice)."""
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def stale_keys(recorded: dict, now: dict) -> list[str]:
+    """The dotted keys whose values differ between a manifest's config and the current one."""
+    a, b = _flat(recorded), _flat(now)
+    return [f"{k}: {a.get(k, '(unset)')!r} when made, {b.get(k, '(unset)')!r} now"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith("distill.parallel.")]
+
+
+def check_input(cfg, stage: Stage, need: str, reuse: frozenset = frozenset()) -> None:
+    """Refuse to build on a needed stage's outputs that are missing, changed since they were
+    written, or made for another config (unless the stage is in `reuse` or its data is external)."""
     from refinery.core.config import ConfigError
-    from refinery.core.manifest import read_manifest
+    from refinery.core.manifest import read_manifest, verify_outputs
 
-    if need != "teacher-logits":
-        return
     out = cfg.context().stage_dir(need)
-    if not (out / "manifest.json").is_file():
-        raise FileNotFoundError(f"{out} has no complete teacher-logits output: run `refinery teacher-logits CONFIG` "
-                                "(or `refinery run CONFIG`)")
-    if read_manifest(out).get("config_hash") != stage_identity(cfg, BY_NAME[need])[1]:
-        raise ConfigError(f"{out} was made for another teacher_logits / models config: run "
-                          "`refinery teacher-logits CONFIG` again (or `refinery run CONFIG`)")
+    fix = f"`refinery {need} CONFIG` (or `refinery run CONFIG`)"
+    m = read_manifest(out)
+    if m is None or m.get("status") != "complete":
+        raise FileNotFoundError(f"{stage.name} needs the outputs of {need}, and {out} has no complete manifest: "
+                                f"run {fix}")
+    problems = verify_outputs(out, m)
+    if problems:
+        raise ConfigError(f"{stage.name} needs the outputs of {need}, but {out}: {'; '.join(problems[:3])}"
+                          f"{f' (+{len(problems) - 3} more)' if len(problems) > 3 else ''}: run "
+                          f"`refinery {need} CONFIG --force` (or `refinery run CONFIG`)")
+    if m.get("external") or need in reuse:
+        return
+    resolved, h = stage_identity(cfg, BY_NAME[need])
+    if m.get("config_hash") != h:
+        diff = stale_keys(m.get("config", {}), resolved)
+        raise ConfigError(f"{need} is stale for this config ({'; '.join(diff[:4]) or 'its config differs'}): "
+                          f"run {fix}, or drop the override; `--reuse {need}` takes its outputs as they are")
 
 
-def run_stage(cfg, name: str, force: bool = False) -> dict:
-    """Run one stage unless a complete manifest for the same config and inputs exists."""
+def run_stage(cfg, name: str, force: bool = False, reuse: frozenset = frozenset()) -> dict:
+    """Run one stage unless a complete manifest for the same config and inputs exists and its
+    output files are as written. Needed stages must be complete, intact and made for this config."""
+    from refinery.core.manifest import verify_outputs
+
     stage = BY_NAME[name]
     ctx = cfg.context()
     out_dir = ctx.stage_dir(name)
     for need in needs(cfg, stage):
-        check_fresh(cfg, need)
+        check_input(cfg, stage, need, reuse)
     inputs = {need: manifest_hash(ctx.stage_dir(need)) for need in needs(cfg, stage)}
     resolved, h = stage_identity(cfg, stage)
     if not force and is_complete(out_dir, h, inputs):
-        log.info("%s: complete for this config, skipped (%s)", name, out_dir)
-        return {"stage": name, "skipped": True}
+        problems = verify_outputs(out_dir)
+        if not problems:
+            log.info("%s: complete for this config, skipped (%s)", name, out_dir)
+            return {"stage": name, "skipped": True}
+        log.warning("%s: complete for this config, but %s: running it again", name, "; ".join(problems[:3]))
     log.info("%s: running -> %s", name, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -107,11 +137,12 @@ def run_stage(cfg, name: str, force: bool = False) -> dict:
     return {"stage": name, "skipped": False, "wall_s": m["wall_s"]}
 
 
-def run_pipeline(cfg, stages: list[str] | None = None, force: bool = False) -> list[dict]:
+def run_pipeline(cfg, stages: list[str] | None = None, force: bool = False,
+                 reuse: frozenset = frozenset()) -> list[dict]:
     todo = [s.name for s in STAGES if wanted(cfg, s) and (stages is None or s.name in stages)]
     if "evaluate" in todo and cfg.evaluate.backend == "vllm" and "student_quant" in cfg.evaluate.models:
         from refinery.quantize.serve_check import refuse_unservable_bits
 
         # before any stage's work, not when evaluate starts the engine
         refuse_unservable_bits(cfg.quantize.bits, "evaluate.backend=vllm scores student_quant with vLLM")
-    return [run_stage(cfg, name, force) for name in todo]
+    return [run_stage(cfg, name, force, reuse) for name in todo]

@@ -337,7 +337,7 @@ def train(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) ->
         import shutil
 
         shutil.rmtree(out / stale)
-    outputs = [saved, "metrics.jsonl", "checkpoints"]
+    outputs = [saved, "metrics.jsonl"]  # checkpoints/ is for resuming, not a product: not verified on skip
     if main:
         outputs += _qat_outputs(s, cfg, out)
     log.info("distill: loss %.4f -> %.4f over %d steps; %s in %s", metrics["first_loss"],

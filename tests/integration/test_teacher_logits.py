@@ -33,7 +33,7 @@ def _write_data(run_dir: Path, rows_per_task: int = ROWS // 2) -> None:
             rows.append({"instruction": it.question, "input": "", "output": it.choices[it.answer],
                          "task": task, "score": 8.0})
     write_jsonl(run_dir / "generate" / "data.jsonl", rows)
-    write_manifest(run_dir / "generate", stage="generate", config={}, cfg_hash="fixture", inputs={},
+    write_manifest(run_dir / "generate", stage="generate", config={}, cfg_hash="fixture", inputs={}, external=True,
                    metrics={"rows": len(rows)}, started=time.time(), outputs=["data.jsonl"])
 
 

@@ -75,9 +75,48 @@ def test_runner_skips_complete_stages_and_reruns_on_change(tmp_path, toy_stages)
 
 def test_stage_without_its_input_fails_clearly(tmp_path, toy_stages):
     cfg = load(None, [f"run_dir={tmp_path}"])
-    with pytest.raises(FileNotFoundError, match="run the stage that produces it first"):
+    with pytest.raises(FileNotFoundError, match="distill needs the outputs of generate.*run `refinery generate CONFIG`"):
         stages.run_stage(cfg, "distill")
     (tmp_path / "generate").mkdir()
     (tmp_path / "generate" / "manifest.json").write_text("{truncated")  # a crash mid-write elsewhere
     with pytest.raises(FileNotFoundError):
         stages.run_stage(cfg, "distill")
+
+
+def test_verify_outputs_names_each_missing_truncated_or_edited_file(tmp_path):
+    import os
+    import time
+
+    from refinery.core.manifest import verify_outputs, write_manifest
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "w.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / "data.jsonl").write_text('{"a": 1}\n')
+    (tmp_path / "gone.txt").write_text("bye")
+    write_manifest(tmp_path, stage="s", config={}, cfg_hash="h", inputs={}, metrics={}, started=time.time(),
+                   outputs=["model", "data.jsonl", "gone.txt", "never-written.txt"])
+    assert verify_outputs(tmp_path) == []
+    os.utime(tmp_path / "data.jsonl", ns=(1, 1))  # new mtime, same bytes: the hash says intact
+    assert verify_outputs(tmp_path) == []
+    (tmp_path / "model" / "w.safetensors").write_bytes(b"x" * 60)
+    (tmp_path / "data.jsonl").write_text('{"a": 2}\n')
+    (tmp_path / "gone.txt").unlink()
+    assert verify_outputs(tmp_path) == ["data.jsonl has other content than when written", "gone.txt is missing",
+                                        "model/w.safetensors has 60 bytes, 100 when written"]
+
+
+def test_a_manifest_without_file_records_or_unreadable_is_not_verified(tmp_path):
+    from refinery.core.manifest import verify_outputs
+
+    (tmp_path / "manifest.json").write_text('{"status": "complete"}')
+    assert "records no output files" in verify_outputs(tmp_path)[0]
+    (tmp_path / "manifest.json").write_text('{"status": "compl')
+    assert "missing or unreadable" in verify_outputs(tmp_path)[0]
+
+
+def test_stale_keys_lists_what_changed_and_ignores_the_process_layout():
+    from refinery.launch.stages import stale_keys
+
+    made = {"seed": 0, "generate": {"temperature": 0.8, "top_p": 0.95}, "distill": {"parallel": {"nproc": 1}}}
+    now = {"seed": 1, "generate": {"temperature": 0.8}, "distill": {"parallel": {"nproc": 2}}}
+    assert stale_keys(made, now) == ["generate.top_p: 0.95 when made, '(unset)' now", "seed: 0 when made, 1 now"]

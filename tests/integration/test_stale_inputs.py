@@ -1,0 +1,100 @@
+"""A stage never builds on a stale or broken artifact (issue 15's reproductions, on the tiny models).
+
+Each test starts from a finished generate (the fixture's rows, with the manifest generate itself
+would write for this config) and distill, then does what a user did to a copy of a real run.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def finished(tmp_path, tiny_teacher, tiny_student, write_train_data):
+    """(config path, run dir) of a run whose generate and distill are complete for that config."""
+    import time
+
+    from refinery.core.manifest import write_manifest
+    from refinery.launch.config import load
+    from refinery.launch.stages import BY_NAME, run_stage, stage_identity
+
+    run = tmp_path / "run"
+    conf = {"run_dir": str(run), "models": {"teacher": tiny_teacher, "student": {"path": tiny_student}},
+            "tasks": {"names": ["siqa", "strategyqa"], "eval_limit": 8},
+            "distill": {"steps": 2, "batch_size": 2, "max_seq_len": 48, "checkpoint_every": 1,
+                        "lora": {"r": 4, "alpha": 8}, "optim": {"warmup_steps": 1}}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    cfg = load(path)
+    rows = write_train_data(run)
+    resolved, h = stage_identity(cfg, BY_NAME["generate"])  # as if generate had made these rows
+    write_manifest(run / "generate", stage="generate", config=resolved, cfg_hash=h, inputs={},
+                   metrics={"rows": len(rows)}, started=time.time(), outputs=["data.jsonl"])
+    assert not run_stage(cfg, "distill")["skipped"]
+    return path, run
+
+
+def test_a_changed_earlier_setting_refuses_by_name_instead_of_skipping(finished, capsys):
+    from refinery.launch.cli import main
+
+    path, run = finished
+    rc = main(["run", str(path), "generate.temperature=0.5", "--stages", "distill"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "generate is stale for this config" in err and "generate.temperature: 0.8 when made, 0.5 now" in err
+    assert "\n" not in err.strip() and "Traceback" not in err
+    # the named way out: take generate's outputs as they are (distill is then complete: skipped)
+    assert main(["run", str(path), "generate.temperature=0.5", "--stages", "distill", "--reuse", "generate"]) == 0
+    assert "distill    skipped" in capsys.readouterr().out
+
+
+def test_truncated_training_data_is_refused_not_trained_on(finished, capsys):
+    from refinery.launch.cli import main
+
+    path, run = finished
+    data = run / "generate" / "data.jsonl"
+    full = data.stat().st_size
+    data.write_bytes(data.read_bytes()[:2000])
+    assert main(["distill", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"data.jsonl has 2000 bytes, {full} when written" in err and "refinery generate CONFIG --force" in err
+
+
+def test_same_size_edit_of_the_data_is_caught_by_its_hash(finished, capsys):
+    from refinery.launch.cli import main
+
+    path, run = finished
+    data = run / "generate" / "data.jsonl"
+    text = data.read_text()
+    data.write_text(text.replace("a", "b", 1))  # same bytes count, new mtime, other content
+    assert main(["distill", str(path)]) == 2
+    assert "data.jsonl has other content than when written" in capsys.readouterr().err
+
+
+def test_a_deleted_adapter_reruns_distill_instead_of_reporting_it_complete(finished, caplog):
+    from refinery.launch.config import load
+    from refinery.launch.stages import run_stage
+
+    path, run = finished
+    adapter = run / "distill" / "adapter" / "adapter_model.safetensors"
+    adapter.unlink()
+    with caplog.at_level(logging.WARNING, logger="refinery"):
+        assert not run_stage(load(path), "distill")["skipped"]
+    assert "adapter/adapter_model.safetensors is missing: running it again" in caplog.text
+    assert adapter.is_file()
+    assert run_stage(load(path), "distill")["skipped"]  # intact again: skipped
+
+
+def test_a_copied_run_dir_is_still_complete(finished, tmp_path):
+    import shutil
+
+    from refinery.core.manifest import verify_outputs
+
+    _, run = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, copy_function=shutil.copy)  # new mtimes, same bytes: hashes decide
+    assert verify_outputs(copy / "generate") == [] and verify_outputs(copy / "distill") == []
