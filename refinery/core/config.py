@@ -26,9 +26,11 @@ def load_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found: pass the path of a YAML file (see configs/)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    if not data:  # an empty file would silently run every default, into runs/quickstart
+        raise ConfigError(f"config file {str(p)!r} is empty: start from configs/quickstart.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level, got {type(data).__name__}")
     return data

@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.nproc > 1 and load(args.config, args.overrides).distill.parallel.strategy == "none":
                 overrides.append("distill.parallel.strategy=ddp")
         cfg = load(args.config, overrides)
+        from refinery.launch.preflight import preflight
+
+        stages = (args.stages.split(",") if args.stages else None) if args.cmd == "run" else \
+            None if args.cmd == "check" else [args.cmd]
+        preflight(cfg, stages)
     except ConfigError as e:
         print(f"refinery: config error: {e}", file=sys.stderr)
         return 2
@@ -109,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.cmd == "run":
-            stages = args.stages.split(",") if args.stages else None
             bad = sorted(set(stages or []) - set(STAGE_CMDS))
             if bad:
                 print(f"refinery: --stages: unknown stage {bad[0]!r}; stages: {', '.join(STAGE_CMDS)}", file=sys.stderr)

@@ -1,0 +1,105 @@
+"""Checks that need no model weights, run by `refinery check` and before any stage's work.
+
+Each failure is a ConfigError naming the key, the value and the fix: a run whose config cannot
+work fails in seconds, not when its third stage starts.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from refinery.core.config import ConfigError
+
+
+def preflight(cfg, stages: list[str] | None = None) -> None:
+    """Raise ConfigError on the first problem; `stages` (None: all) limits the stage-specific checks."""
+    wanted = set(stages) if stages else {"generate", "teacher-logits", "distill", "quantize", "evaluate", "report"}
+    check_run_dir(Path(cfg.run_dir))
+    check_models(cfg.models)
+    if wanted & {"generate", "evaluate"}:
+        check_task_names(cfg.tasks.names)
+    if "quantize" in wanted and cfg.quantize.method in ("gptq", "rtn"):
+        check_widths(cfg)
+
+
+def check_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir: {str(run_dir)!r} is a file, not a directory: pass another run_dir")
+    parent = next((p for p in [run_dir, *run_dir.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"run_dir: cannot create {str(run_dir)!r} ({parent} is not writable): pass another run_dir")
+
+
+def model_dir(spec: str | None) -> Path | None:
+    """The HF dir a model value names, when it exists on this machine without fetching anything."""
+    from refinery.core import gguf_import as gi
+
+    if not spec:
+        return None
+    if spec in gi.REGISTRY:
+        out = gi.models_dir() / gi.REGISTRY[spec].dirname
+        return out if gi.is_converted(out) else None
+    if Path(spec).is_dir():
+        return Path(spec)
+    return gi.imported_dir(spec)
+
+
+def check_models(models) -> None:
+    from refinery.core import gguf_import as gi
+
+    for key, spec in (("models.teacher", models.teacher), ("models.student.path", models.student.path)):
+        if not spec or spec in gi.REGISTRY:
+            continue
+        path = Path(spec)
+        if spec.endswith(".gguf"):
+            if not path.is_file():
+                raise ConfigError(f"{key}: GGUF file {spec!r} not found")
+            continue
+        if path.exists():
+            if not (path / "config.json").is_file():
+                raise ConfigError(f"{key}: {spec!r} holds no model (no config.json): pass an HF model directory, "
+                                  f"a .gguf file, or one of {', '.join(gi.REGISTRY)}")
+            if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+                raise ConfigError(f"{key}: {spec!r} has a config.json but no weight files (*.safetensors)")
+            continue
+        if spec.startswith((".", "/")):
+            raise ConfigError(f"{key}: path {spec!r} not found")
+        if gi.imported_dir(spec) is None and os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(spec):
+            raise ConfigError(f"{key}: {spec!r} is not a registry name ({', '.join(gi.REGISTRY)}), a local path, "
+                              "or an imported model, and HF_HUB_OFFLINE=1 with no copy in the hub cache: "
+                              "`refinery models import FILE.gguf --name NAME`, or pass an HF model directory")
+
+
+def _in_hub_cache(repo: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    except Exception:  # an invalid repo id and the like: not in the cache
+        return False
+
+
+def check_task_names(names: list[str]) -> None:
+    from refinery.core.tasks import OFFLINE
+
+    other = [n for n in names if n not in OFFLINE]
+    if not other:
+        return
+    from lm_eval.tasks import TaskManager  # indexing lm-eval's task YAMLs: ~15 s, only for such names
+
+    known = set(TaskManager().all_tasks)
+    unknown = [n for n in other if n not in known]
+    if unknown:
+        raise ConfigError(f"tasks.names: {unknown[0]!r} is neither a bundled task ({', '.join(OFFLINE)}) nor an "
+                          "lm-eval task name (e.g. arc_easy, hellaswag)")
+
+
+def check_widths(cfg) -> None:
+    """quantize.group_size against the student's layer widths, from its config.json alone."""
+    from refinery.quantize.shapes import check_group_size, quantizable_widths
+
+    student = cfg.models.student.path
+    where = model_dir(student) if student else model_dir(cfg.models.teacher)  # a derived student keeps widths
+    if where is None:  # not on this machine yet (a registry model not pulled, a hub name): checked at quantize
+        return
+    check_group_size(quantizable_widths(where, cfg.models.trust_remote_code), cfg.quantize.group_size)

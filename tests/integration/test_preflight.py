@@ -1,0 +1,58 @@
+"""`refinery check` (and every stage command) refuses a config that cannot work, in one line, rc 2,
+before any model is loaded or any file of the run is written."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def check(tmp_path, capsys, tiny_student):
+    from refinery.launch.cli import main
+
+    conf = tmp_path / "run.yaml"
+    conf.write_text(f"run_dir: {tmp_path / 'run'}\nmodels:\n  teacher: {tiny_student}\n  student:\n"
+                    f"    path: {tiny_student}\n")
+
+    def run(*overrides, cmd="check", config=conf):
+        rc = main([cmd, str(config), *overrides])
+        err = capsys.readouterr().err.strip()
+        return rc, err
+
+    return run
+
+
+def test_a_good_config_passes(check):
+    assert check()[0] == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("quantize.group_size=128", "quantize.group_size: 128 does not divide the input width 576"),
+    ("models.teacher=/nonexistent/teacher", "models.teacher: path '/nonexistent/teacher' not found"),
+    ("models.student.path=/tmp", "models.student.path: '/tmp' holds no model (no config.json)"),
+    ("models.teacher=/nowhere/model.gguf", "models.teacher: GGUF file '/nowhere/model.gguf' not found"),
+    ("tasks.names=[nonexistent_task]", "tasks.names: 'nonexistent_task' is neither a bundled task"),
+])
+def test_each_bad_value_is_one_line_naming_the_key(check, tmp_path, override, message):
+    rc, err = check(override)
+    assert rc == 2 and message in err and "\n" not in err and "Traceback" not in err
+    # the stage commands check the same before any work, and write nothing
+    if not override.startswith("tasks"):
+        assert check(override, cmd="run")[0] == 2
+        assert not (tmp_path / "run").exists()
+
+
+def test_run_dir_that_is_a_file_and_an_empty_config(check, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    rc, err = check(f"run_dir={afile}")
+    assert rc == 2 and "run_dir: " in err and "is a file, not a directory" in err
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    rc, err = check(config=empty)
+    assert rc == 2 and "is empty" in err
+
+
+def test_an_unknown_bare_model_name_offline(check, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc, err = check("models.teacher=someorg/not-a-model")
+    assert rc == 2 and "is not a registry name" in err and "refinery models import" in err
