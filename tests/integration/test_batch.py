@@ -16,7 +16,7 @@ vllm = pytest.importorskip("vllm", reason="the evaluation workers need vllm (vll
 
 
 def test_batch_quantizes_and_scores_each_checkpoint_once(tmp_path, tiny_teacher, tiny_student, write_train_data,
-                                                        write_adapter):
+                                                        write_adapter, vllm_serves_gptq):
     runs = [tmp_path / "runs" / "alpha", tmp_path / "runs" / "beta"]
     for seed, run in enumerate(runs):
         write_adapter(tiny_student, run, seed, std=0.01)

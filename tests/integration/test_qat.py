@@ -151,16 +151,15 @@ def test_export_logits_match_fake_quant(qat_run):
             assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
 
 
-def test_quantize_manifest_and_vllm(qat_run):
-    from refinery.quantize.serve_check import vllm_available, vllm_generate
+def test_quantize_manifest_and_vllm(qat_run, request):
+    from refinery.quantize.serve_check import vllm_generate
 
     m = json.loads((qat_run.out / "manifest.json").read_text())["metrics"]
     # KL of the export against the float QAT student: real quantization error (RTN 4-bit on this
     # 2-layer cut is ~1 nat/token; the exactness of the export is checked above, not here)
     assert m["method"] == "qat_rtn" and m["bits"] == 4 and 0 < m["kl_mean"] < 10
     assert m["quantized_layers_ratio"] > 6  # fp32 layers -> 4-bit packed + fp16 scales
-    if not vllm_available():
-        pytest.skip("vLLM is not installed here")
+    request.getfixturevalue("vllm_serves_gptq")  # skips the vLLM half where vLLM cannot run GPTQ
     out = vllm_generate(qat_run.out / "gptq", ["Question: Why do birds fly south?\nAnswer:"], max_tokens=4,
                         dtype="bfloat16")
     assert len(out[0]) == 4

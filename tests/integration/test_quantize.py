@@ -117,11 +117,9 @@ def test_gptq_loads_in_transformers_close_to_merged_and_beats_rtn(quant_run):
     assert gptq_err["kl_mean"] < rtn_err["kl_mean"], (gptq_err, rtn_err)
 
 
-def test_gptq_loads_and_generates_in_vllm(quant_run):
-    from refinery.quantize.serve_check import vllm_available, vllm_generate
+def test_gptq_loads_and_generates_in_vllm(quant_run, vllm_serves_gptq):
+    from refinery.quantize.serve_check import vllm_generate
 
-    if not vllm_available():
-        pytest.skip("vllm is not importable")
     ids = vllm_generate(quant_run.out / "gptq", TEXTS, max_tokens=6, timeout=480)
     assert len(ids) == 2
     assert all(1 <= len(seq) <= 6 and all(0 <= t < 49152 for t in seq) for seq in ids)

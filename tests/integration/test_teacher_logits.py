@@ -277,5 +277,5 @@ def test_distill_refuses_a_cache_made_for_another_k(cached, tiny_student):
     """teacher_logits.k changed since the cache was made: distill says which stage to re-run."""
     cfg, _ = cached
     other = _cfg(cfg.context().run_dir, cfg.models.teacher, tiny_student, "teacher_logits.k=8")
-    with pytest.raises(ConfigError, match="run `refinery teacher-logits CONFIG` again"):
+    with pytest.raises(ConfigError, match=r"teacher-logits is stale for this config \(teacher_logits.k: 16 when made, 8 now\)"):
         run_stage(other, "distill", force=True)
