@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
 DISTILL = {"steps": STEPS, "batch_size": 4, "max_seq_len": 48, "checkpoint_every": 2, "keep_checkpoints": 2,
            "lora": {"r": 4, "alpha": 8}, "optim": {"warmup_steps": 2, "grad_clip": None}}
-TOL = {"ddp": (1e-3, 0.02, 5e-3), "fsdp2": (1e-3, 0.02, 5e-3), "ray": (1e-3, 0.02, 5e-3), "zero3": (1e-2, 0.06, 2e-2)}
+TOL = {"ddp": (1e-3, 0.03, 1e-2), "fsdp2": (1e-3, 0.03, 1e-2), "ray": (1e-3, 0.03, 1e-2), "zero3": (1e-2, 0.06, 2e-2)}
 """strategy -> (loss, adapter, log-likelihood) relative tolerance."""
 ARGS = {"single": [], "ddp": ["--nproc", "2"], "fsdp2": ["--nproc", "2", "distill.parallel.strategy=fsdp2"],
         "zero3": ["--nproc", "2", "distill.parallel.strategy=deepspeed", "distill.parallel.zero_stage=3"],

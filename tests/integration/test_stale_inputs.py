@@ -41,7 +41,7 @@ def finished(tmp_path, tiny_teacher, tiny_student, write_train_data):
 def test_a_changed_earlier_setting_refuses_by_name_instead_of_skipping(finished, capsys):
     from refinery.launch.cli import main
 
-    path, run = finished
+    path, _ = finished
     rc = main(["run", str(path), "generate.temperature=0.5", "--stages", "distill"])
     err = capsys.readouterr().err
     assert rc == 2
