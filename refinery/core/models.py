@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from refinery.core.config import ConfigError, check
-from refinery.core.gguf_import import REGISTRY, cache_dir, imported_dir, import_gguf, materialize
+from refinery.core.gguf_import import REGISTRY, cache_dir, import_gguf, imported_dir, materialize
 from refinery.core.manifest import atomic_path
 
-__all__ = ["cache_dir", "resolve_model", "resolve_models", "derive_student", "smollm2_dir"]
+__all__ = ["cache_dir", "derive_student", "resolve_model", "resolve_models", "smollm2_dir"]
 
 SMOLLM2 = "smollm2-135m"
 
