@@ -15,6 +15,9 @@ def prompt_text(instruction: str, input: str = "") -> str:
 
 
 def example_text(row: dict) -> tuple[str, str]:
-    """(prompt, full text) for an Alpaca-style row {instruction, input, output}."""
+    """(prompt, full text) for an Alpaca-style row {instruction, input, output}. A row may carry its
+    task's own layout (`prompt`, and `delimiter` when not a space: lm-eval tasks' seed answers)."""
+    if row.get("prompt") is not None:
+        return row["prompt"], f"{row['prompt']}{row.get('delimiter', ' ')}{row['output'].strip()}"
     prompt = prompt_text(row["instruction"], row.get("input", ""))
     return prompt, f"{prompt} {row['output'].strip()}"

@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from refinery.core.config import check
+from refinery.core.prompts import prompt_text
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "benchmarks"
 
@@ -33,21 +34,60 @@ STANDARD = ["mmlu", "arc_easy", "commonsense_qa", "openbookqa", "hellaswag", "pi
 
 
 @dataclass
+class CustomTask:
+    """A task of the user's own: a file of items, or an lm-eval task with a description."""
+
+    file: str | None = None
+    """A JSONL or BIG-bench JSON file of the task's items (README, "Your own task"); null: the
+    task's name is an lm-eval task (standard, or in tasks.include_path)."""
+    description: str = ""
+    """One line on what the task is about; the teacher's self-instruct prompts use it."""
+    answer_regex: str | None = None
+    """Generative tasks: the answer is this regex's first match (its first group, if it has one)
+    in the model's reply; null: the whole reply, trimmed."""
+    max_new_tokens: int = 32
+    """Generative tasks: the most tokens an answer may take."""
+
+    def __post_init__(self):
+        if self.file is not None:
+            check(bool(self.description.strip()), "description", self.description,
+                  "one line on what the task is about (the teacher's prompts use it)")
+        if self.answer_regex is not None:
+            try:
+                re.compile(self.answer_regex)
+            except re.error as e:
+                check(False, "answer_regex", self.answer_regex, f"a valid regular expression ({e})")
+        check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "a positive integer")
+
+
+@dataclass
 class TasksConfig:
-    """Which benchmark tasks the run targets and how their items are split."""
+    """Which tasks the run targets and how their items are split."""
 
     names: list[str] = field(default_factory=lambda: ["siqa", "mmlu_dev", "strategyqa", "winowhy",
                                                      "physical_intuition"])
-    """Offline task names (see refinery.core.tasks.OFFLINE) or lm-eval task names."""
+    """Bundled task names (refinery.core.tasks.OFFLINE), names defined in `custom`, or lm-eval task names."""
     eval_fraction: float = 0.5
-    """Share of each offline task's items held out for evaluation (the rest seed data generation)."""
+    """Share of each task's items held out for evaluation (the rest seed data generation); items with
+    their own `split` and lm-eval tasks keep their splits."""
     eval_limit: int | None = 200
     """At most this many held-out items per task are scored (None: all)."""
+    custom: dict[str, CustomTask] = field(default_factory=dict)
+    """The user's own tasks by name: {file, description, answer_regex, max_new_tokens}."""
+    include_path: str | None = None
+    """A directory of the user's own lm-eval task YAMLs (named in `names`)."""
 
     def __post_init__(self):
         check(bool(self.names), "names", self.names, "at least one task name")
+        check(len(set(self.names)) == len(self.names), "names", self.names, "each task once")
         check(0.0 < self.eval_fraction < 1.0, "eval_fraction", self.eval_fraction, "a number in (0, 1)")
         check(self.eval_limit is None or self.eval_limit > 0, "eval_limit", self.eval_limit, "a positive integer or null")
+        for name in self.custom:
+            check(name not in OFFLINE, f"custom.{name}", name, "a name that is not a bundled task's: rename it")
+            check(name in self.names, f"custom.{name}", name, f"a task listed in tasks.names (add {name!r} there)")
+        if self.include_path is not None:
+            check(Path(self.include_path).is_dir(), "include_path", self.include_path,
+                  "a directory of lm-eval task YAML files")
 
 
 @dataclass(frozen=True)
@@ -58,6 +98,20 @@ class Item:
     question: str
     choices: tuple[str, ...]
     answer: int
+    answers: tuple[str, ...] = ()
+    """Generative items: the reference answers (choices is empty, answer -1)."""
+    prompt: str | None = None
+    """The exact context when the task has its own layout (lm-eval tasks); else prompt_text(question)."""
+    delimiter: str = " "
+    """What joins the context and an answer (lm-eval's target_delimiter)."""
+
+    @property
+    def gold(self) -> str:
+        return self.choices[self.answer] if self.choices else self.answers[0]
+
+    def context(self) -> str:
+        """The text the model is conditioned on, in this task's one layout (generate and evaluate)."""
+        return self.prompt if self.prompt is not None else prompt_text(self.question)
 
 
 def _bigbench(path: Path) -> list[Item]:
@@ -120,5 +174,69 @@ def split(name: str, eval_fraction: float) -> tuple[list[Item], list[Item]]:
     return seed, held
 
 
-def description(name: str) -> str:
-    return OFFLINE[name][1] if name in OFFLINE else name
+def bucket(key: str) -> float:
+    """An item's place in [0, 1] by its id's hash: below eval_fraction means held out."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of a run, resolved: its items split into seeds and held-out items."""
+
+    name: str
+    description: str
+    kind: str
+    """`multiple_choice` or `generate`."""
+    source: str
+    """`bundled`, `file` or `lm_eval`."""
+    seed: tuple[Item, ...]
+    held: tuple[Item, ...]
+    digest: str | None
+    """Hash of the task's data (None for bundled tasks: the package version fixes them)."""
+    answer_regex: str | None = None
+    max_new_tokens: int = 32
+    until: tuple[str, ...] = ("\n",)
+    """Generative tasks: where an answer ends."""
+
+
+def load_task(cfg: TasksConfig, name: str) -> Task:
+    """Task `name` of this config: bundled, a file in `custom`, or an lm-eval task. Raises
+    ConfigError naming the file, line and field when a user's task data is wrong."""
+    custom = cfg.custom.get(name)
+    if name in OFFLINE:
+        seed, held = split(name, cfg.eval_fraction)
+        return Task(name, OFFLINE[name][1], "multiple_choice", "bundled", tuple(seed), tuple(held), None)
+    if custom is not None and custom.file is not None:
+        p = Path(custom.file)
+        st = p.stat() if p.is_file() else None
+        return _file_task(name, str(p), st and (st.st_size, st.st_mtime_ns), cfg.eval_fraction, custom.description,
+                          custom.answer_regex, custom.max_new_tokens)
+    from refinery.core.lmeval_docs import lmeval_task
+
+    desc = custom.description if custom is not None and custom.description else name
+    return lmeval_task(name, cfg.include_path, desc)
+
+
+@lru_cache(maxsize=64)
+def _file_task(name, path, stamp, eval_fraction, description, answer_regex, max_new_tokens) -> Task:
+    from refinery.core.task_files import file_digest, read_task_file
+
+    kind, rows = read_task_file(path, f"tasks.custom.{name}.file")
+    items = [(r["split"], Item(r["id"], r["question"], r["choices"], r["answer"], r["answers"])) for r in rows]
+    held = [it for s, it in items if s == "held" or (s is None and bucket(it.id) < eval_fraction)]
+    held_ids = {it.id for it in held}
+    seed = drop_overlap([it for _, it in items if it.id not in held_ids], held)
+    return Task(name, description, kind, "file", tuple(seed), tuple(held), file_digest(path), answer_regex,
+                max_new_tokens)
+
+
+def drop_overlap(seed: list[Item], held: list[Item]) -> list[Item]:
+    """Seed items whose question is not also a held-out question (after case and spacing)."""
+    key = lambda q: " ".join(q.lower().split())  # noqa: E731
+    taken = {key(it.question) for it in held}
+    return [it for it in seed if key(it.question) not in taken]
+
+
+def task_digests(cfg: TasksConfig) -> dict[str, str]:
+    """{name: data hash} of the run's non-bundled tasks (part of generate's and evaluate's identity)."""
+    return {n: load_task(cfg, n).digest for n in cfg.names if n not in OFFLINE}

@@ -30,7 +30,6 @@ from refinery.core import tasks as core_tasks
 from refinery.core.config import ConfigError
 from refinery.core.manifest import write_jsonl
 from refinery.core.models import resolve_models
-from refinery.core.prompts import prompt_text
 from refinery.core.stage import Context, Result
 from refinery.distill import selfinstruct as si
 from refinery.distill.config import GenerateConfig
@@ -49,6 +48,7 @@ class TaskPlan:
     seeds: list[core_tasks.Item]
     pool: list[core_tasks.Item]
     """The task's whole seed split (few-shot examples are drawn from it)."""
+    task: core_tasks.Task | None = None
 
 
 @dataclass
@@ -62,23 +62,22 @@ class Candidate:
     anchors: list[si.Example] = field(default_factory=list)
     reason: str = ""
     score: float | None = None
+    item: core_tasks.Item | None = None
+    """For seed answers: the seed item (its layout is the row's prompt when the task has its own)."""
 
 
-def seed_items(name: str, k: int, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """(k seed items sampled from the task's seed split, the whole seed split); ([], []) if not offline."""
-    if name not in core_tasks.OFFLINE:
-        return [], []
-    pool, _ = core_tasks.split(name, eval_fraction)
-    return random.Random(f"{seed}:{name}").sample(pool, min(k, len(pool))), pool
+def seed_items(task: core_tasks.Task, k: int, seed: int) -> tuple[list, list]:
+    """(k seed items sampled from the task's seed split, the whole seed split)."""
+    pool = list(task.seed)
+    return random.Random(f"{seed}:{task.name}").sample(pool, min(k, len(pool))), pool
 
 
-def held_out_index(names: list[str], eval_fraction: float, threshold: float) -> si.NearDupIndex:
-    """Index of every held-out question of the run's offline tasks (generated rows must not match)."""
+def held_out_index(tasks: list[core_tasks.Task], threshold: float) -> si.NearDupIndex:
+    """Index of every held-out question of the run's tasks (generated rows must not match)."""
     idx = si.NearDupIndex(threshold)
-    for name in names:
-        if name in core_tasks.OFFLINE:
-            for item in core_tasks.split(name, eval_fraction)[1]:
-                idx.add(item.question)
+    for task in tasks:
+        for item in task.held:
+            idx.add(item.question)
     return idx
 
 
@@ -124,21 +123,43 @@ def _pairs(engine, topics, cfg: GenerateConfig, seed: int) -> list[Candidate]:
     return cands
 
 
-def _seed_answers(engine, plans: list[TaskPlan]) -> list[Candidate]:
-    """Each seed question with the choice the teacher finds most likely, in the evaluation's cloze format."""
+def _seed_answers(engine, plans: list[TaskPlan], max_new_tokens: int) -> list[Candidate]:
+    """Each seed question answered by the teacher in the evaluation's own layout (`Item.context`):
+    multiple choice, the choice it finds most likely; generative, its greedy answer."""
     cands = []
     by_choices: dict[tuple, list] = {}
+    gen = []
     for plan in plans:
         for it in plan.seeds:
-            by_choices.setdefault(it.choices, []).append((plan, it))
-    for choices, group in by_choices.items():  # one scoring call per distinct choice list
-        lps = engine.score_choices([prompt_text(it.question) for _, it in group], [" " + c for c in choices])
+            if it.choices:
+                by_choices.setdefault((it.choices, it.delimiter), []).append((plan, it))
+            else:
+                gen.append((plan, it))
+
+    def add(plan, it, answer):
+        cands.append(Candidate(plan.name, "seed_answer", it.question, answer, item=it, reason="" if answer else "malformed",
+                               anchors=[si.example_of(x) for x in plan.seeds if x is not it][:2]))
+
+    for (choices, delim), group in by_choices.items():  # one scoring call per distinct choice list
+        lps = engine.score_choices([it.context() for _, it in group], [delim + c for c in choices])
         for (plan, it), row in zip(group, lps):
-            best = max(range(len(choices)), key=row.__getitem__)
-            cands.append(Candidate(plan.name, "seed_answer", it.question, choices[best].strip(),
-                                   anchors=[si.example_of(x) for x in plan.seeds if x is not it][:2]))
+            add(plan, it, choices[max(range(len(choices)), key=row.__getitem__)].strip())
+    if gen:
+        limit = max(p.task.max_new_tokens if p.task else max_new_tokens for p, _ in gen)
+        replies = engine.generate([it.context() for _, it in gen], max_new_tokens=limit, temperature=0.0,
+                                  top_p=1.0, seed=0)
+        for (plan, it), reply in zip(gen, replies):
+            add(plan, it, _first_answer(reply, plan.task.until if plan.task else ("\n",)))
     order = {p.name: i for i, p in enumerate(plans)}
     return sorted(cands, key=lambda c: order[c.task])  # stable: task order, then seed order
+
+
+def _first_answer(reply: str, until: tuple[str, ...]) -> str:
+    """The reply up to the first stop string, trimmed (an empty answer is rejected as malformed)."""
+    for stop in until:
+        if stop and stop in reply:
+            reply = reply[:reply.index(stop)]
+    return reply.strip()
 
 
 def _dedupe(cands: list[Candidate], plans: list[TaskPlan], held: si.NearDupIndex, threshold: float) -> None:
@@ -199,12 +220,19 @@ def _metrics(cands: list[Candidate], plans: list[TaskPlan], engine) -> dict:
 
 
 def _rows(cands: list[Candidate]) -> tuple[list[dict], list[dict]]:
-    kept = [{"instruction": c.question, "input": "", "output": c.answer, "task": c.task, "score": c.score}
-            for c in cands if not c.reason]
+    kept = [{"instruction": c.question, "input": "", "output": c.answer, "task": c.task, "score": c.score,
+             **_layout(c)} for c in cands if not c.reason]
     rejected = [{"task": c.task, "origin": c.origin, "reason": c.reason, "instruction": c.question,
                  "output": c.answer, "score": c.score, **({"raw": c.raw} if c.reason == "malformed" else {})}
                 for c in cands if c.reason]
     return kept, rejected
+
+
+def _layout(c: Candidate) -> dict:
+    """A seed answer of a task with its own layout keeps that exact context (see prompts.example_text)."""
+    if c.item is None or c.item.prompt is None:
+        return {}
+    return {"prompt": c.item.prompt, **({"delimiter": c.item.delimiter} if c.item.delimiter != " " else {})}
 
 
 def run(ctx: Context, cfg: GenerateConfig) -> Result:
@@ -213,14 +241,15 @@ def run(ctx: Context, cfg: GenerateConfig) -> Result:
 
     out = ctx.stage_dir("generate")
     teacher, _ = resolve_models(ctx.models)
+    tasks = [core_tasks.load_task(ctx.tasks, name) for name in ctx.tasks.names]
     plans = []
-    for name in ctx.tasks.names:
-        seeds, pool = seed_items(name, cfg.seeds_per_task, ctx.tasks.eval_fraction, ctx.seed)
-        plans.append(TaskPlan(name, core_tasks.description(name), seeds, pool))
-    held = held_out_index(ctx.tasks.names, ctx.tasks.eval_fraction, cfg.dedupe_threshold)
+    for task in tasks:
+        seeds, pool = seed_items(task, cfg.seeds_per_task, ctx.seed)
+        plans.append(TaskPlan(task.name, task.description, seeds, pool, task))
+    held = held_out_index(tasks, cfg.dedupe_threshold)
     engine = make_engine(cfg.engine, teacher, cfg.dtype, ctx.models.trust_remote_code, cfg.batch_size)
     try:
-        cands = _seed_answers(engine, plans) if cfg.include_seed_answers else []
+        cands = _seed_answers(engine, plans, cfg.max_new_tokens) if cfg.include_seed_answers else []
         cands += _pairs(engine, _subtopics(engine, plans, cfg, ctx.seed), cfg, ctx.seed)
         _dedupe(cands, plans, held, cfg.dedupe_threshold)
         _score(engine, cands, cfg.score_threshold)

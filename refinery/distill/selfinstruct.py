@@ -31,7 +31,7 @@ class Example:
 def example_of(item: Item) -> Example:
     """The seed item as question + gold answer (+ one wrong choice when it has one)."""
     wrong = next((c for i, c in enumerate(item.choices) if i != item.answer), "")
-    return Example(item.question.strip(), item.choices[item.answer].strip(), wrong.strip())
+    return Example(item.question.strip(), item.gold.strip(), wrong.strip())
 
 
 def _shots(examples: list[Example]) -> str:

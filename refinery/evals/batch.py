@@ -70,7 +70,7 @@ def task_specs(cfg, tasks_dir: Path) -> tuple[list[TaskSpec], object]:
         specs = [TaskSpec(n, n, offline=False, n=None) for n in STANDARD]
     else:
         specs = build_tasks(cfg.tasks, tasks_dir)
-    tm = task_manager(specs, tasks_dir)
+    tm = task_manager(specs, tasks_dir, cfg.tasks.include_path)
     check_loadable(specs, tm)
     return specs, tm
 
@@ -79,7 +79,11 @@ def _key(cfg, path: str, specs: list[TaskSpec], latency: bool) -> str:
     """What a stored result depends on: the model, the tasks and items, and the measuring settings."""
     from refinery.core.config import to_dict
 
+    from refinery.core.tasks import task_digests
+
+    data = task_digests(cfg.tasks) if any(s.name in cfg.tasks.names for s in specs) else {}
     parts = {"path": path, "model_bytes": dir_bytes(path), "tasks": [s.lm_eval_name for s in specs],
+             **({"data": data} if data else {}),
              "eval_limit": cfg.tasks.eval_limit, "eval_fraction": cfg.tasks.eval_fraction, "seed": cfg.seed,
              "dtype": cfg.evaluate.dtype, "latency": to_dict(cfg.evaluate.latency) if latency else None}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

@@ -42,18 +42,21 @@ def model_paths(ctx: Context, names: list[str]) -> dict[str, str]:
 
 
 def _task_scores(raw: dict, specs: list[TaskSpec]) -> dict[str, dict]:
-    """{task: {acc, acc_stderr, acc_norm, acc_norm_stderr, n}} from lm-eval's results dict."""
+    """{task: {acc, acc_stderr, acc_norm, acc_norm_stderr, n, metric}} from lm-eval's results dict;
+    `acc` is the task's accuracy metric (exact match for generative tasks, `metric` says which)."""
     out = {}
     for spec in specs:
         res = raw["results"][spec.lm_eval_name]
         n = raw.get("n-samples", {}).get(spec.lm_eval_name, {}).get("effective", spec.n)
 
-        def num(key):
-            v = res.get(f"{key},none")
+        def num(key):  # "acc,none"; a generative task's filter names its results ("exact_match,extract")
+            v = next((v for k, v in res.items() if k.split(",")[0] == key), None)
             return float(v) if isinstance(v, (int, float)) else None  # lm-eval writes "N/A" sometimes
 
-        out[spec.name] = {"acc": num("acc"), "acc_stderr": num("acc_stderr"), "acc_norm": num("acc_norm"),
-                          "acc_norm_stderr": num("acc_norm_stderr"), "n": n}
+        metric = spec.metric or ("acc" if num("acc") is not None else "exact_match")
+        out[spec.name] = {"acc": num(metric), "acc_stderr": num(f"{metric}_stderr"),
+                          "acc_norm": num("acc_norm"), "acc_norm_stderr": num("acc_norm_stderr"), "n": n,
+                          "metric": metric}
     return out
 
 
@@ -68,18 +71,25 @@ def mean_accuracy(tasks: dict[str, dict]) -> tuple[float, float]:
 def _sample_rows(samples: dict, specs: list[TaskSpec]) -> list[dict]:
     """Per-item predictions, compact: which choice won and whether it was right."""
     rows = []
-    by_lm = {s.lm_eval_name: s.name for s in specs}
+    by_lm = {s.lm_eval_name: s for s in specs}
     for lm_name, items in (samples or {}).items():
+        spec = by_lm.get(lm_name)
         for s in items:
-            lls = [float(r[0]) for r in s.get("filtered_resps", [])]
-            rows.append({"task": by_lm.get(lm_name, lm_name), "doc_id": s.get("doc_id"),
-                         "item_id": (s.get("doc") or {}).get("id"), "target": s.get("target"),
-                         "acc": s.get("acc"), "acc_norm": s.get("acc_norm"), "loglikelihoods": lls})
+            row = {"task": spec.name if spec else lm_name, "doc_id": s.get("doc_id"),
+                   # lm-eval's own tasks may have no `id`: the doc's index identifies it (same order every run)
+                   "item_id": (s.get("doc") or {}).get("id") or f"doc-{s.get('doc_id')}", "target": s.get("target")}
+            if "exact_match" in s:  # generative: the extracted answer
+                resp = s.get("filtered_resps") or [""]
+                row.update(acc=s["exact_match"], response=resp[0] if isinstance(resp, list) else resp)
+            else:
+                lls = [float(r[0]) for r in s.get("filtered_resps", [])]
+                row.update(acc=s.get("acc"), acc_norm=s.get("acc_norm"), loglikelihoods=lls)
+            rows.append(row)
     return rows
 
 
 def score_model(model, tokenizer, specs: list[TaskSpec], tm, batch_size: int, seed: int,
-                shared_context: bool = True) -> dict:
+                shared_context: bool = True, limit: int | None = None) -> dict:
     """Run lm-eval (HF backend) on all tasks with an already loaded model; lm-eval's raw output."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -88,7 +98,7 @@ def score_model(model, tokenizer, specs: list[TaskSpec], tm, batch_size: int, se
 
     lm = (SharedContextLM if shared_context else HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     return lm_eval.simple_evaluate(model=lm, tasks=[s.lm_eval_name for s in specs], task_manager=tm,
-                                   num_fewshot=0, log_samples=True, random_seed=seed,
+                                   num_fewshot=0, log_samples=True, limit=limit, random_seed=seed,
                                    numpy_random_seed=seed, torch_random_seed=seed)
 
 
@@ -98,7 +108,8 @@ def _evaluate_one(name: str, path: str, ctx: Context, cfg: EvaluateConfig, specs
     t0 = time.time()
     model, tok = load_model(path, dtype=cfg.dtype, trust_remote_code=ctx.models.trust_remote_code)
     load_s = time.time() - t0
-    raw = score_model(model, tok, specs, tm, cfg.batch_size, ctx.seed, cfg.shared_context)
+    # local tasks are already cut to eval_limit items; the limit matters for lm-eval's own tasks
+    raw = score_model(model, tok, specs, tm, cfg.batch_size, ctx.seed, cfg.shared_context, ctx.tasks.eval_limit)
     eval_s = time.time() - t0 - load_s
     samples = raw.pop("samples", {})
     write_json(out / "lmeval" / f"{name}.json", raw)
@@ -124,7 +135,7 @@ def run(ctx: Context, cfg: EvaluateConfig) -> Result:
     out = ctx.stage_dir("evaluate")
     paths = model_paths(ctx, cfg.models)  # fail on missing inputs before any slow work
     specs = build_tasks(ctx.tasks, out / "tasks")
-    tm = task_manager(specs, out / "tasks")
+    tm = task_manager(specs, out / "tasks", ctx.tasks.include_path)
     check_loadable(specs, tm)
     import torch
 

@@ -19,7 +19,10 @@ def _samples(run_dir: Path, model: str) -> dict | None:
     return {(r["task"], r["item_id"]): r for r in read_jsonl(path)}
 
 
-def _choice(row: dict) -> int:
+def _choice(row: dict) -> int | str:
+    """The model's answer: its most likely choice, or (generative tasks) its reply, normalized."""
+    if "loglikelihoods" not in row:
+        return " ".join(str(row.get("response", "")).lower().split())
     ll = row["loglikelihoods"]
     return max(range(len(ll)), key=ll.__getitem__)
 
@@ -39,7 +42,8 @@ def fidelity(run_dir: Path, models: list[str], reference: str = "teacher") -> di
         keys = [k for k in rows if ref is None or k in ref]
         if not keys:
             continue
-        gold = sum(rows[k]["loglikelihoods"][rows[k]["target"]] for k in keys) / len(keys)
+        scored = [k for k in keys if "loglikelihoods" in rows[k]]  # generative items have no choice log-liks
+        gold = sum(rows[k]["loglikelihoods"][rows[k]["target"]] for k in scored) / len(scored) if scored else None
         entry = {"gold_loglik": gold, "n": len(keys)}
         if ref is not None:
             p = sum(_choice(rows[k]) == _choice(ref[k]) for k in keys) / len(keys)
@@ -69,7 +73,8 @@ def fidelity_table(fid: dict[str, dict], reference: str = "teacher") -> str:
              "|---|---:|---:|---:|"]
     for model, f in fid.items():
         agree = (f"{f['agreement']:.3f} ± {f['agreement_stderr']:.3f}" if "agreement" in f else "–")
-        lines.append(f"| {model} | {agree} | {f['gold_loglik']:.2f} | {f['n']} |")
+        gold = "–" if f["gold_loglik"] is None else f"{f['gold_loglik']:.2f}"
+        lines.append(f"| {model} | {agree} | {gold} | {f['n']} |")
     return "\n".join(lines)
 
 

@@ -16,8 +16,8 @@ def preflight(cfg, stages: list[str] | None = None) -> None:
     wanted = set(stages) if stages else {"generate", "teacher-logits", "distill", "quantize", "evaluate", "report"}
     check_run_dir(Path(cfg.run_dir))
     check_models(cfg.models)
-    if wanted & {"generate", "evaluate"}:
-        check_task_names(cfg.tasks.names)
+    if wanted & {"generate", "evaluate", "report"}:
+        check_tasks(cfg, need_seeds=cfg.generate.seeds_per_task if "generate" in wanted else 0)
     if "quantize" in wanted and cfg.quantize.method in ("gptq", "rtn"):
         check_widths(cfg)
 
@@ -79,19 +79,20 @@ def _in_hub_cache(repo: str) -> bool:
         return False
 
 
-def check_task_names(names: list[str]) -> None:
-    from refinery.core.tasks import OFFLINE
+def check_tasks(cfg, need_seeds: int = 0) -> None:
+    """Every task resolves (bundled, a valid file, or a loadable lm-eval task), has held-out items,
+    and (for generate) at least `need_seeds` seed items; a user file's errors name file, line, field."""
+    from refinery.core.tasks import load_task
 
-    other = [n for n in names if n not in OFFLINE]
-    if not other:
-        return
-    from lm_eval.tasks import TaskManager  # indexing lm-eval's task YAMLs: ~15 s, only for such names
-
-    known = set(TaskManager().all_tasks)
-    unknown = [n for n in other if n not in known]
-    if unknown:
-        raise ConfigError(f"tasks.names: {unknown[0]!r} is neither a bundled task ({', '.join(OFFLINE)}) nor an "
-                          "lm-eval task name (e.g. arc_easy, hellaswag)")
+    for name in cfg.tasks.names:
+        task = load_task(cfg.tasks, name)
+        fix = (f"add items, or change tasks.eval_fraction (now {cfg.tasks.eval_fraction})" if task.source == "file"
+               else "use a task with more documents")
+        if not task.held:
+            raise ConfigError(f"task {name!r}: no held-out items (of {len(task.seed)}): {fix}")
+        if len(task.seed) < need_seeds:
+            raise ConfigError(f"task {name!r}: its seed split has {len(task.seed)} items, fewer than "
+                              f"generate.seeds_per_task={need_seeds}: {fix}, or lower generate.seeds_per_task")
 
 
 def check_widths(cfg) -> None:

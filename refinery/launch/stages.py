@@ -46,7 +46,20 @@ def wanted(cfg, stage: Stage) -> bool:
 
 
 # What of the run-wide `tasks` section each stage reads (the rest reaches it through its inputs).
-TASK_KEYS = {"generate": ("names", "eval_fraction"), "evaluate": None, "report": None}
+TASK_KEYS = {"generate": ("names", "eval_fraction", "custom", "include_path"), "evaluate": None, "report": None}
+
+
+def tasks_identity(tasks_cfg, keys: tuple[str, ...] | None) -> dict:
+    """The `tasks` keys a stage reads, plus the hash of each user task's data (an edited task file
+    makes generate and evaluate stale). Unset user-task keys are left out: runs of bundled tasks keep
+    the identity they had before those keys existed."""
+    from refinery.core.tasks import task_digests
+
+    tasks = to_dict(tasks_cfg)
+    out = {k: v for k, v in tasks.items() if keys is None or k in keys}
+    out = {k: v for k, v in out.items() if not (k in ("custom", "include_path") and not v)}
+    data = task_digests(tasks_cfg)
+    return {**out, "data": data} if data else out
 
 
 def stage_identity(cfg, stage: Stage) -> tuple[dict, str]:
@@ -55,9 +68,7 @@ def stage_identity(cfg, stage: Stage) -> tuple[dict, str]:
     section = to_dict(getattr(cfg, stage.section))
     resolved = {"seed": cfg.seed, "models": to_dict(cfg.models), stage.section: section}
     if stage.name in TASK_KEYS:
-        tasks = to_dict(cfg.tasks)
-        keys = TASK_KEYS[stage.name]
-        resolved["tasks"] = tasks if keys is None else {k: tasks[k] for k in keys}
+        resolved["tasks"] = tasks_identity(cfg.tasks, TASK_KEYS[stage.name])
     kept = {k: v for k, v in section.items() if k != "parallel"}
     if stage.section == "distill":  # distill.qat enters the hash only when enabled (old runs keep theirs)
         from refinery.train.config import hashed as distill_hashed

@@ -7,8 +7,12 @@ import pytest
 import yaml
 
 from refinery.core.prompts import example_text, prompt_text
-from refinery.core.tasks import TasksConfig, split
+from refinery.core.tasks import TasksConfig, load_task, split
 from refinery.evals.lmeval_tasks import build_tasks, check_loadable, held_out_docs, task_manager
+
+
+def _task(name):
+    return load_task(TasksConfig(names=[name], eval_fraction=0.5), name)
 
 
 def _rows(path):
@@ -37,7 +41,7 @@ def test_no_limit_takes_every_held_out_item(tmp_path):
 
 
 def test_doc_layout_matches_training_prompt(tmp_path):
-    docs = held_out_docs("mmlu_dev", 0.5, 5)
+    docs = held_out_docs(_task("mmlu_dev"), 5)
     _, held = split("mmlu_dev", 0.5)
     for doc, item in zip(docs, held):
         assert doc["prompt"] == prompt_text(item.question)
@@ -69,7 +73,7 @@ def test_lm_eval_builds_the_training_layout_requests(tmp_path):
     tm = task_manager(specs, tmp_path)
     task = tm.load(["refinery_siqa"])["tasks"]["refinery_siqa"]
     task.build_all_requests(rank=0, world_size=1)
-    docs = held_out_docs("siqa", 0.5, 3)
+    docs = held_out_docs(_task("siqa"), 3)
     # One loglikelihood request per choice: context = prompt, continuation = " " + choice,
     # which is exactly how training rows are laid out (prompt + " " + output).
     expected = [(d["prompt"], f" {c}") for d in docs for c in d["choices"]]

@@ -150,32 +150,36 @@ def test_dedupe_marks_held_out_copies_and_repeats():
              Candidate("strategyqa", "pair", "Would a penguin enjoy living in the Sahara desert?", "No"),
              Candidate("strategyqa", "pair", "Would a penguin enjoy living in the Sahara desert ?", "No"),
              Candidate("strategyqa", "pair", reason="malformed")]
-    _dedupe(cands, [plan], held_out_index(["strategyqa"], 0.5, 0.8), 0.8)
+    _dedupe(cands, [plan], held_out_index([_task("strategyqa", 0.5)], 0.8), 0.8)
     assert [c.reason for c in cands] == ["", "held_out", "duplicate", "", "duplicate", "malformed"]
 
 
 # ---- seeds never come from the held-out split ---------------------------------------------------
 
+def _task(name, fraction):
+    return tasks.load_task(tasks.TasksConfig(names=[name], eval_fraction=fraction), name)
+
+
 @pytest.mark.parametrize("name", sorted(tasks.OFFLINE))
 def test_seed_items_only_from_seed_split(name):
     seed_split, held = tasks.split(name, 0.5)
-    chosen, pool = seed_items(name, 8, 0.5, seed=3)
+    chosen, pool = seed_items(_task(name, 0.5), 8, seed=3)
     held_ids = {it.id for it in held}
     assert len(chosen) == min(8, len(seed_split)) and pool == seed_split
     assert all(it.id not in held_ids for it in chosen + pool)
     assert {it.id for it in chosen} <= {it.id for it in seed_split}
 
 
-def test_seed_items_deterministic_per_seed_and_empty_for_lm_eval_tasks():
-    a = [it.id for it in seed_items("siqa", 8, 0.5, seed=0)[0]]
-    assert a == [it.id for it in seed_items("siqa", 8, 0.5, seed=0)[0]]
-    assert a != [it.id for it in seed_items("siqa", 8, 0.5, seed=1)[0]]
-    assert seed_items("hellaswag", 8, 0.5, seed=0) == ([], [])
+def test_seed_items_deterministic_per_seed():
+    siqa = _task("siqa", 0.5)
+    a = [it.id for it in seed_items(siqa, 8, seed=0)[0]]
+    assert a == [it.id for it in seed_items(siqa, 8, seed=0)[0]]
+    assert a != [it.id for it in seed_items(siqa, 8, seed=1)[0]]
 
 
 def test_held_out_index_holds_every_held_out_question():
     _, held = tasks.split("winowhy", 0.3)
-    idx = held_out_index(["winowhy", "hellaswag"], 0.3, 0.8)
+    idx = held_out_index([_task("winowhy", 0.3)], 0.8)
     assert len(idx.sets) == len(held) and all(idx.find(it.question) for it in held[:50])
 
 

@@ -1,0 +1,89 @@
+"""An lm-eval task (standard, or the user's YAML in tasks.include_path) as seed and held-out items.
+
+Seeds come from the task's training documents (validation ones when it has a test split but no
+training split); the held-out items are the documents lm-eval evaluates (test, else validation).
+Each item keeps the task's own layout: `prompt` is lm-eval's `doc_to_text`, joined to an answer
+by its `target_delimiter`, so generate's seed answers use exactly the context evaluate scores.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from refinery.core.config import ConfigError
+from refinery.core.tasks import OFFLINE, Item, Task, drop_overlap
+
+
+def lmeval_task(name: str, include_path: str | None, description: str) -> Task:
+    return _load(name, include_path, _stamp(include_path), description)
+
+
+def _stamp(include_path: str | None) -> tuple:
+    """Sizes and mtimes of the include_path's files: an edited YAML or data file is reloaded."""
+    if include_path is None:
+        return ()
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(include_path).rglob("*"))
+                 if p.is_file())
+
+
+def task_manager(include_path: str | None, need_defaults: bool = True):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(Path(include_path).resolve()) if include_path else None,
+                       include_defaults=need_defaults)
+
+
+@lru_cache(maxsize=16)
+def _load(name: str, include_path: str | None, stamp: tuple, description: str) -> Task:
+    tm = task_manager(include_path, need_defaults=False) if include_path else None
+    if tm is None or name not in tm.all_tasks:
+        tm = task_manager(include_path)  # lm-eval's own index: seconds
+    if name not in tm.all_tasks:
+        where = f" or in tasks.include_path ({include_path})" if include_path else ""
+        raise ConfigError(f"tasks.names: {name!r} is neither a bundled task ({', '.join(OFFLINE)}), nor a file "
+                          f"task in tasks.custom, nor an lm-eval task{where}: define it under tasks.custom "
+                          "with a file, or fix the name")
+    try:
+        loaded = tm.load([name])["tasks"]
+    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ...)
+        raise ConfigError(f"task {name!r}: lm-eval could not load its documents: {type(e).__name__}: {e}. "
+                          "Offline, give its data as local files (dataset_path: json) or pre-download it "
+                          "into the HF datasets cache with HF_DATASETS_OFFLINE=1") from e
+    if len(loaded) != 1:
+        raise ConfigError(f"tasks.names: {name!r} is an lm-eval group of {len(loaded)} tasks: name its "
+                          f"tasks one by one ({', '.join(sorted(loaded)[:5])}...)")
+    task = next(iter(loaded.values()))
+    kind = {"multiple_choice": "multiple_choice", "generate_until": "generate"}.get(task.OUTPUT_TYPE)
+    if kind is None:
+        raise ConfigError(f"task {name!r}: output_type {task.OUTPUT_TYPE!r} is not supported; use a "
+                          "multiple_choice or generate_until task")
+    if task.has_training_docs():
+        seed_docs = task.training_docs()
+    elif task.has_test_docs() and task.has_validation_docs():
+        seed_docs = task.validation_docs()
+    else:
+        raise ConfigError(f"task {name!r}: lm-eval gives it only one split, so there is nothing to draw seeds "
+                          "from without touching its held-out documents: give it a training_split (or "
+                          "validation_split besides test_split), or use a task file under tasks.custom")
+    held_docs = task.test_docs() if task.has_test_docs() else task.validation_docs()
+    delim = task.config.target_delimiter if kind == "multiple_choice" else ""
+    held = [_item(task, d, kind, delim) for d in held_docs]
+    seed = drop_overlap([_item(task, d, kind, delim) for d in seed_docs], held)
+    digest = hashlib.sha256(json.dumps([[it.prompt, it.choices, it.answer, it.answers] for it in seed + held])
+                            .encode()).hexdigest()[:16]
+    until = tuple((task.config.generation_kwargs or {}).get("until") or ["\n"]) if kind == "generate" else ("\n",)
+    return Task(name, description, kind, "lm_eval", tuple(seed), tuple(held), digest, until=until)
+
+
+def _item(task, doc: dict, kind: str, delim: str) -> Item:
+    text = task.doc_to_text(doc)
+    target = task.doc_to_target(doc)
+    ident = hashlib.sha256(json.dumps([text, str(target)]).encode()).hexdigest()[:12]
+    if kind == "multiple_choice":
+        choices = tuple(task.doc_to_choice(doc))
+        answer = target if isinstance(target, int) else choices.index(target)
+        return Item(ident, text.strip(), choices, answer, prompt=text, delimiter=delim)
+    answers = tuple(str(t) for t in target) if isinstance(target, list) else (str(target),)
+    return Item(ident, text.strip(), (), -1, answers, prompt=text, delimiter=delim or " ")
