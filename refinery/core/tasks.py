@@ -232,9 +232,12 @@ def _file_task(name, path, stamp, eval_fraction, description, answer_regex, max_
 
 def drop_overlap(seed: list[Item], held: list[Item]) -> list[Item]:
     """Seed items whose question is not also a held-out question (after case and spacing)."""
-    key = lambda q: " ".join(q.lower().split())  # noqa: E731
-    taken = {key(it.question) for it in held}
-    return [it for it in seed if key(it.question) not in taken]
+    taken = {_key(it.question) for it in held}
+    return [it for it in seed if _key(it.question) not in taken]
+
+
+def _key(question: str) -> str:
+    return " ".join(question.lower().split())
 
 
 def task_digests(cfg: TasksConfig) -> dict[str, str]:

@@ -81,7 +81,7 @@ def _key(cfg, path: str, specs: list[TaskSpec], latency: bool) -> str:
 
     from refinery.core.tasks import task_digests
 
-    data = task_digests(cfg.tasks) if any(s.name in cfg.tasks.names for s in specs) else {}
+    data = task_digests(cfg.tasks) if cfg.evaluate.task_set != "standard" else {}
     parts = {"path": path, "model_bytes": dir_bytes(path), "tasks": [s.lm_eval_name for s in specs],
              **({"data": data} if data else {}),
              "eval_limit": cfg.tasks.eval_limit, "eval_fraction": cfg.tasks.eval_fraction, "seed": cfg.seed,

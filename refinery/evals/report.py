@@ -248,6 +248,12 @@ def render(title: str, ctx: Context, results: dict, stages: list[dict], loss_row
         out += ["| _no stage manifest.json found_ | | |"]
     out += ["", *generate_lines(ctx.run_dir), *distill_lines(loss_rows), ""]
     out += ["## Accuracy (held-out items, zero-shot, acc ± stderr)", "", accuracy_table(results), ""]
+    generative = sorted({t for e in results["models"].values() for t, v in e["tasks"].items()
+                         if v.get("metric") == "exact_match"})
+    if generative:
+        out += [f"Generative tasks ({', '.join(generative)}): acc is exact match of the greedy answer with a "
+                "reference answer (case, punctuation, articles and spacing ignored); agreement below compares "
+                "answers the same way.", ""]
     fid = fidelity(ctx.run_dir, ordered_models(results))
     out += ["## Distillation fidelity (same held-out items)", "", fidelity_table(fid), "",
             "Agreement: share of items where the model's most likely answer is the teacher's. "

@@ -187,14 +187,19 @@ def test_evaluate_many_writes_results_and_cli_skips_done_models(pool, cfg, tiny_
     assert f"| {name} | {res[name]['mean_acc']:.3f} ± {res[name]['mean_acc_stderr']:.3f} |" in printed
 
 
-def test_evaluate_stage_with_vllm_backend_and_report(cfg, pool):
-    """`evaluate.backend: vllm` in the pipeline's stage: its own second pool next to the module's."""
+def test_evaluate_stage_with_vllm_backend_and_report(cfg, pool, tmp_path):
+    """`evaluate.backend: vllm` in the pipeline's stage: its own second pool next to the module's; a
+    generative task of the user's own runs on it as on the HF backend (same items, same metric)."""
     from refinery.evals import evaluate, report
     from refinery.launch.config import load
 
+    codes = tmp_path / "codes.jsonl"
+    codes.write_text("".join(json.dumps({"question": f"Repeat the word number {i}.", "answers": [f"word{i}"],
+                                         "split": "test"}) + "\n" for i in range(6)))
     run_cfg = load(None, [f"{k}={v}" for k, v in [
         ("run_dir", cfg.run_dir), ("models.teacher", cfg.models.teacher), ("models.student.path", cfg.models.student.path),
-        ("tasks.names", "[siqa]"), ("tasks.eval_limit", 8), ("evaluate.backend", "vllm"),
+        ("tasks.names", "[siqa,codes]"), ("tasks.custom.codes.file", codes), ("tasks.custom.codes.description", "d"),
+        ("tasks.custom.codes.max_new_tokens", 6), ("tasks.eval_limit", 8), ("evaluate.backend", "vllm"),
         ("evaluate.models", "[student_base]"), ("evaluate.latency.prompt_tokens", 16),
         ("evaluate.latency.new_tokens", 4), ("evaluate.latency.repeats", 1), ("evaluate.latency.batch_sizes", "[1]")]])
     ctx = run_cfg.context()
@@ -202,9 +207,22 @@ def test_evaluate_stage_with_vllm_backend_and_report(cfg, pool):
     res = json.loads((ctx.run_dir / "evaluate" / "results.json").read_text())
     m = res["models"]["student_base"]
     assert m["backend"] == "vllm" and m["tasks"]["siqa"]["n"] == 8 and 0 <= m["mean_acc"] <= 1
+    assert m["tasks"]["codes"]["n"] == 6 and m["tasks"]["codes"]["metric"] == "exact_match"
     assert m["latency"]["decode_ms_per_token"] > 0 and m["latency"]["memory_bytes"] == m["memory"]["weight_bytes"]
     report.run(ctx, run_cfg.report)
     assert "| student_base |" in (ctx.run_dir / "report" / "REPORT.md").read_text()
+
+    def replies(run_dir):
+        rows = [json.loads(x) for x in (run_dir / "evaluate" / "lmeval" / "student_base_samples.jsonl").read_text().splitlines()]
+        return {r["item_id"]: r["response"] for r in rows if r["task"] == "codes"}
+
+    hf_cfg = load(None, [f"run_dir={tmp_path / 'hf'}", f"models.teacher={cfg.models.teacher}",
+                         f"models.student.path={cfg.models.student.path}", "tasks.names=[codes]",
+                         f"tasks.custom.codes.file={codes}", "tasks.custom.codes.description=d",
+                         "tasks.custom.codes.max_new_tokens=6", "evaluate.models=[student_base]",
+                         "evaluate.latency.enabled=false"])
+    evaluate.run(hf_cfg.context(), hf_cfg.evaluate)
+    assert replies(tmp_path / "hf").keys() == replies(ctx.run_dir).keys() and len(replies(ctx.run_dir)) == 6
 
 
 def test_bad_inputs_name_the_problem(cfg, tmp_path, capsys):

@@ -97,6 +97,7 @@ def test_three_kinds_of_own_task_end_to_end(tmp_path, tiny_teacher, tiny_student
         assert all(0.0 <= t[k]["acc"] <= 1.0 for k in t)
     report = (run_dir / "report" / "REPORT.md").read_text()
     assert all(f"| {k} |" in report for k in ("sums", "capitals", "parity"))
+    assert "Generative tasks (capitals): acc is exact match" in report
 
     # Held-out items: the file's own `split: test` rows are held out; none reaches generate's output.
     held = {_norm(it.question) for task in tasks.values() for it in task.held}
@@ -124,8 +125,10 @@ BAD = {
     "one choice": ('{"question": "q1", "choices": ["a"], "answer": 0}', ":1: field `choices`: needs at least 2"),
     "no question": ('{"choices": ["a", "b"], "answer": 0}', ":1: field `question`: missing"),
     "bad json": ('{"question": "q1", "choices": ["a", "b"], "answer": 0}\n{"question": ', ":2: not valid JSON"),
-    "duplicate ids": ('{"id": 7, "question": "q1", "choices": ["a", "b"], "answer": 0}\n'
-                      '{"id": 7, "question": "q2", "choices": ["a", "b"], "answer": 0}', "line 2 repeats the id '7' of line 1"),
+    "duplicate ids": (('{"id": 7, "question": "q1", "choices": ["a", "b"], "answer": 0}\n'
+                       '{"id": 7, "question": "q2", "choices": ["a", "b"], "answer": 0}'), "line 2 repeats the id '7' of line 1"),
+    "repeated item": (('{"question": "q1", "choices": ["a", "b"], "answer": 0}\n'
+                       '{"question": "q1", "choices": ["a", "b"], "answer": 1}'), "line 2 is the same item as line 1"),
     "mixed kinds": ('{"question": "q1", "choices": ["a", "b"], "answer": 0}\n{"question": "q2", "answers": ["x"]}',
                     ":2: a generate item in a file whose first item (line 1) is multiple_choice"),
     "bad split": ('{"question": "q1", "choices": ["a", "b"], "answer": 0, "split": "dev"}', "field `split`: 'dev' is not one of"),
