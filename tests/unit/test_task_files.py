@@ -106,3 +106,9 @@ def test_custom_task_fields_are_checked(field, value, msg):
 
     with pytest.raises(ConfigError, match=msg):
         CustomTask("f.jsonl", "d", **{field: value})
+
+
+def test_the_readme_example_task_file_loads_with_its_splits():
+    t = load_task(_cfg("examples/support_tickets.jsonl"), "mine")
+    assert t.kind == "multiple_choice" and len(t.seed) == 16 and len(t.held) == 8
+    assert all(len(it.choices) == 4 for it in t.seed + t.held)
