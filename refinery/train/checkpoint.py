@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from refinery.core.manifest import write_json
+from refinery.core.manifest import file_records, verify_outputs, write_json
 
 log = logging.getLogger("refinery.train")
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -109,8 +109,9 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     torch.save({"optimizer": opt, "scheduler": scheduler.state_dict()}, tmp_dir / _rank_file("optimizer", r, "pt"))
     torch.save(rng_state(), tmp_dir / _rank_file("rng", r, "pt"))
     world.barrier()
-    if world.main:
-        write_json(tmp_dir / STATE, {**state, "step": step, "world_size": world.size, "strategy": world.strategy})
+    if world.main:  # every rank's files are written: record them, so a damaged checkpoint is never resumed
+        write_json(tmp_dir / STATE, {**state, "step": step, "world_size": world.size, "strategy": world.strategy,
+                                     "files": file_records(tmp_dir, ["."])})
         if out.exists():
             shutil.rmtree(out)
         tmp_dir.rename(out)
@@ -144,16 +145,26 @@ def clean(root: Path, keep: int) -> None:
 
 
 def latest_checkpoint(root: Path, resume_key: str) -> Path | None:
-    """The newest complete checkpoint written for `resume_key`; stale ones (other config) are removed."""
-    ckpts = complete_checkpoints(root)
-    for _, d in ckpts:
-        key = json.loads((d / STATE).read_text()).get("resume_key")
-        if key != resume_key:
+    """The newest intact checkpoint written for `resume_key`. Stale ones (other config) are removed;
+    a damaged one (a file truncated, missing or changed since it was written) is removed with a
+    warning and the one before it is taken."""
+    for _, d in reversed(complete_checkpoints(root)):
+        try:
+            state = json.loads((d / STATE).read_text())
+        except (OSError, ValueError) as e:
+            state, problems = {}, [f"{STATE} is unreadable ({e})"]
+        else:  # checkpoints from before file records: taken as they are
+            problems = verify_outputs(d, {"files": state["files"]}) if "files" in state else []
+        if not problems and state.get("resume_key") != resume_key:
             log.warning("checkpoint %s was written for another config or other data (key %s, now %s): "
-                        "removing it and starting over", d, key, resume_key)
-            shutil.rmtree(d, ignore_errors=True)
-    ckpts = complete_checkpoints(root)
-    return ckpts[-1][1] if ckpts else None
+                        "removing it", d, state.get("resume_key"), resume_key)
+        elif problems:
+            log.warning("checkpoint %s is damaged (%s): removing it, falling back to the one before",
+                        d, "; ".join(problems[:3]))
+        else:
+            return d
+        shutil.rmtree(d, ignore_errors=True)
+    return None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, world=None) -> dict:
