@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from refinery.core.config import config_hash, to_dict
-from refinery.core.manifest import is_complete, manifest_hash, write_manifest
+from refinery.core.manifest import MANIFEST, is_complete, manifest_hash, write_manifest
 
 log = logging.getLogger("refinery")
 
@@ -139,6 +139,11 @@ def run_stage(cfg, name: str, force: bool = False, reuse: frozenset = frozenset(
         log.warning("%s: complete for this config, but %s: running it again", name, "; ".join(problems[:3]))
     log.info("%s: running -> %s", name, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The stage rewrites its dir in place: until it finishes, no manifest may call the dir complete
+    # (a failed or killed re-run would otherwise leave an old "complete" over mixed outputs).
+    if (out_dir / MANIFEST).exists():
+        log.info("%s: its previous outputs are being replaced; the stage counts as not done until it ends", name)
+        (out_dir / MANIFEST).unlink()
     started = time.time()
     module, func = stage.target.split(":")
     result = getattr(importlib.import_module(module), func)(ctx, getattr(cfg, stage.section))

@@ -120,3 +120,31 @@ def test_stale_keys_lists_what_changed_and_ignores_the_process_layout():
     made = {"seed": 0, "generate": {"temperature": 0.8, "top_p": 0.95}, "distill": {"parallel": {"nproc": 1}}}
     now = {"seed": 1, "generate": {"temperature": 0.8}, "distill": {"parallel": {"nproc": 2}}}
     assert stale_keys(made, now) == ["generate.top_p: 0.95 when made, '(unset)' now", "seed: 0 when made, 1 now"]
+
+
+def test_a_failed_rerun_leaves_no_complete_manifest_over_its_outputs(tmp_path, monkeypatch):
+    from refinery.core.stage import Result
+    from refinery.distill import generate
+    from refinery.launch.config import load
+    from refinery.launch.stages import run_stage
+
+    cfg = load(None, [f"run_dir={tmp_path / 'run'}"])
+    out = tmp_path / "run" / "generate"
+
+    def good(ctx, _):
+        (out / "data.jsonl").write_text('{"instruction": "q", "output": "a"}\n')
+        return Result(metrics={}, outputs=["data.jsonl"])
+
+    def bad(ctx, _):
+        (out / "data.jsonl").write_text('{"instruction": "half')  # killed mid-write, say
+        raise RuntimeError("teacher crashed")
+
+    monkeypatch.setattr(generate, "run", good)
+    assert run_stage(cfg, "generate")["skipped"] is False and (out / "manifest.json").is_file()
+    assert run_stage(cfg, "generate")["skipped"] is True
+    monkeypatch.setattr(generate, "run", bad)
+    with pytest.raises(RuntimeError, match="teacher crashed"):
+        run_stage(cfg, "generate", force=True)
+    assert not (out / "manifest.json").exists()  # so the next run (or a later stage) cannot take it as done
+    monkeypatch.setattr(generate, "run", good)
+    assert run_stage(cfg, "generate")["skipped"] is False
