@@ -79,8 +79,12 @@ def tiny_sweep(tmp_path, tiny_teacher, tiny_student, write_train_data):
     data written: returns (sweep.yaml, sweep_dir); base.yaml beside it."""
     import yaml
 
+    mine = tmp_path / "mine.jsonl"  # a task of the user's own beside a bundled one: trials score both
+    mine.write_text("".join(f'{{"question": "Is {i} even?", "choices": ["yes", "no"], "answer": {i % 2}}}\n'
+                            for i in range(24)))
     base = {"models": {"teacher": tiny_teacher, "student": {"path": tiny_student}},
-            "tasks": {"names": ["siqa", "strategyqa"], "eval_limit": 8},
+            "tasks": {"names": ["siqa", "mine"], "eval_limit": 8,
+                      "custom": {"mine": {"file": str(mine), "description": "parity of a number"}}},
             "distill": {"steps": 6, "batch_size": 2, "max_seq_len": 48, "checkpoint_every": 2,
                         "lora": {"r": 4, "alpha": 8}, "optim": {"warmup_steps": 1}},
             "quantize": {"calibration_samples": 8, "error_samples": 2},

@@ -23,9 +23,13 @@ def test_batch_quantizes_and_scores_each_checkpoint_once(tmp_path, tiny_teacher,
     write_train_data(runs[0])
     out, config = tmp_path / "out", tmp_path / "config.yaml"
     config.write_text(f"run_dir: {tmp_path / 'run'}\n")  # defaults otherwise; models and tasks below
+    words = tmp_path / "words.jsonl"  # a generative task of the user's own, scored the same way
+    words.write_text("".join(json.dumps({"question": f"Say the word {w}.", "answers": [w], "split": "test"}) + "\n"
+                             for w in ("apple", "river", "stone", "cloud")))
     args = ["--checkpoints", *map(str, runs), "--out", str(out), "--no-latency",
-            f"models.teacher={tiny_teacher}", f"models.student.path={tiny_student}", *SMALL, "tasks.names=[siqa]",
-            "tasks.eval_limit=12"]
+            f"models.teacher={tiny_teacher}", f"models.student.path={tiny_student}", *SMALL,
+            "tasks.names=[siqa,words]", f"tasks.custom.words.file={words}", "tasks.custom.words.description=d",
+            "tasks.custom.words.max_new_tokens=4", "tasks.eval_limit=12"]
     assert main([str(config), *args]) == 0
     rows = list(csv.DictReader((out / "batch.csv").open()))
     assert [r["name"] for r in rows] == ["alpha", "beta"] and {r["status"] for r in rows} == {"done"}
@@ -34,7 +38,8 @@ def test_batch_quantizes_and_scores_each_checkpoint_once(tmp_path, tiny_teacher,
         assert float(r["kl_mean"]) > 0 and 0 <= float(r["mean_acc"]) <= 1
         res = json.loads((out / "evaluate" / r["name"] / "results.json").read_text())
         assert res["backend"] == "vllm" and res["path"] == str(out / "quantize" / r["name"] / "gptq")
-        assert res["quantized"] and set(res["tasks"]) == {"siqa"}
+        assert res["quantized"] and set(res["tasks"]) == {"siqa", "words"}
+        assert res["tasks"]["words"]["metric"] == "exact_match" and res["tasks"]["words"]["n"] == 4
         assert res["mean_acc"] == pytest.approx(float(r["mean_acc"]))
     # one engine for both: the second checkpoint (same architecture, same GPTQ settings) was swapped in
     last = json.loads((out / "evaluate" / "beta" / "results.json").read_text())
