@@ -171,3 +171,20 @@ def test_task_config_errors_name_the_fix(tmp_path, overrides, msg, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and msg in err, err
     assert not run_dir.exists()
+
+
+def test_lm_eval_task_with_one_split_is_refused_by_name(tmp_path, capsys):
+    from refinery.launch.cli import main
+
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"q": f"q{i}", "opts": ["a", "b"], "label": 0}) + "\n"
+                                                 for i in range(4)))
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump({
+        "task": "one_split", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(tmp_path / "test.jsonl")}}, "test_split": "test",
+        "output_type": "multiple_choice", "doc_to_text": "{{q}}", "doc_to_choice": "{{opts}}", "doc_to_target": "label"}))
+    run_dir = tmp_path / "run"
+    rc = main(["run", "configs/quickstart.yaml", f"run_dir={run_dir}", "tasks.names=[one_split]",
+               f"tasks.include_path={tmp_path}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "task 'one_split': lm-eval gives it only one split" in err, err
+    assert not run_dir.exists()
