@@ -102,13 +102,14 @@ def latency() -> None:
 
 def outlier_texts(per_task: int = 20) -> list[str]:
     """Held-out items (prompt + gold answer) of the quickstart tasks: text no student trained on."""
+    from refinery.core.tasks import load_task
     from refinery.evals.lmeval_tasks import held_out_docs
     from refinery.launch.config import load
 
     cfg = load(common.CONFIG, [])
     texts = []
     for name in cfg.tasks.names:
-        for d in held_out_docs(name, cfg.tasks.eval_fraction, per_task):
+        for d in held_out_docs(load_task(cfg.tasks, name), per_task):
             texts.append(f"{d['prompt']} {d['choices'][d['answer']]}")
     return texts
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from functools import lru_cache
 from pathlib import Path
 
 from refinery.core.config import ConfigError
 from refinery.core.tasks import OFFLINE, Item, Task, drop_overlap
+
+log = logging.getLogger("refinery")
 
 
 def lmeval_task(name: str, include_path: str | None, description: str) -> Task:
@@ -69,17 +72,31 @@ def _load(name: str, include_path: str | None, stamp: tuple, description: str) -
                           "validation_split besides test_split), or use a task file under tasks.custom")
     held_docs = task.test_docs() if task.has_test_docs() else task.validation_docs()
     delim = task.config.target_delimiter if kind == "multiple_choice" else ""
-    held = [_item(task, d, kind, delim) for d in held_docs]
-    seed = drop_overlap([_item(task, d, kind, delim) for d in seed_docs], held)
-    digest = hashlib.sha256(json.dumps([[it.prompt, it.choices, it.answer, it.answers] for it in seed + held])
-                            .encode()).hexdigest()[:16]
-    until = tuple((task.config.generation_kwargs or {}).get("until") or ["\n"]) if kind == "generate" else ("\n",)
-    return Task(name, description, kind, "lm_eval", tuple(seed), tuple(held), digest, until=until)
+    yamls = sorted(Path(include_path).rglob("*.yaml")) if include_path else []
+    # The user's YAMLs (until, metric, filters) and the documents; not lm-eval's config object, whose
+    # repr holds function addresses that differ in every process.
+    h = hashlib.sha256(json.dumps([p.read_text() for p in yamls]).encode())
+    try:
+        held = [_item(task, d, kind, delim) for d in held_docs]
+        seed = drop_overlap([_item(task, d, kind, delim) for d in seed_docs], held)
+    except (TypeError, ValueError, AttributeError, IndexError) as e:
+        # e.g. winogrande: several contexts per doc, the target a continuation that is not a choice.
+        # lm-eval still scores it; generate gets no seed items from it (only its description).
+        log.warning("task %r: its documents are not one context + choices (%s): generate seeds it from "
+                    "its description only", name, e)
+        return Task(name, description, kind, "lm_eval", (), (), h.hexdigest()[:16], opaque=True)
+    h.update(json.dumps([[it.prompt, it.choices, it.answer, it.answers] for it in seed + held]).encode())
+    gen = task.config.generation_kwargs or {}
+    until = tuple(gen.get("until") or ["\n"]) if kind == "generate" else ("\n",)
+    return Task(name, description, kind, "lm_eval", tuple(seed), tuple(held), h.hexdigest()[:16], until=until,
+                max_new_tokens=int(gen.get("max_gen_toks", 256)) if kind == "generate" else 32)
 
 
 def _item(task, doc: dict, kind: str, delim: str) -> Item:
     text = task.doc_to_text(doc)
     target = task.doc_to_target(doc)
+    if not isinstance(text, str):
+        raise TypeError(f"doc_to_text gives {type(text).__name__}, not a string")
     ident = hashlib.sha256(json.dumps([text, str(target)]).encode()).hexdigest()[:12]
     if kind == "multiple_choice":
         choices = tuple(task.doc_to_choice(doc))

@@ -33,7 +33,7 @@ def read_task_file(path: str | Path, where: str) -> tuple[str, list[dict]]:
         raise ConfigError(f"{where}: cannot read {str(p)!r}: {e}") from e
     if not text.strip():
         raise ConfigError(f"{where}: {str(p)!r} is empty: write one item per line (see README, 'Your own task')")
-    raw = _bigbench(p, text) if text.lstrip().startswith("{") and _is_bigbench(text) else _jsonl(p, text)
+    raw = _bigbench(p, text) if _is_bigbench(p, text) else _jsonl(p, text)
     rows = [_row(p, at, r) for at, r in raw]
     kinds = {r["kind"] for r in rows}
     if len(kinds) > 1:
@@ -54,17 +54,27 @@ def _loc(p: Path, at: str) -> str:
     return f"{p}:{at.removeprefix('line ')}" if at.startswith("line ") else f"{p}: {at}"
 
 
-def _is_bigbench(text: str) -> bool:
+def _is_bigbench(p: Path, text: str) -> bool:
+    """A whole-file JSON object with `examples`; a file that is neither that nor JSONL is an error at
+    the place the whole-file parse failed (a pretty-printed BIG-bench file with a syntax error)."""
+    if not text.lstrip().startswith("{"):
+        return False
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
-        return False  # a JSONL file whose first line is an object
+    except json.JSONDecodeError as e:
+        first = text.lstrip().split("\n", 1)[0]
+        try:
+            json.loads(first)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{p}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}): write JSONL, one "
+                              "object per line, or one BIG-bench JSON object") from None
+        return False  # JSONL: its first line is an object of its own
     return isinstance(data, dict) and "examples" in data
 
 
 def _jsonl(p: Path, text: str) -> list[tuple[str, dict]]:
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
         try:

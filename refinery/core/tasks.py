@@ -197,6 +197,8 @@ class Task:
     max_new_tokens: int = 32
     until: tuple[str, ...] = ("\n",)
     """Generative tasks: where an answer ends."""
+    opaque: bool = False
+    """An lm-eval task whose documents are not one context + choices (winogrande): no items here."""
 
 
 def load_task(cfg: TasksConfig, name: str) -> Task:

@@ -78,7 +78,21 @@ def held_out_index(tasks: list[core_tasks.Task], threshold: float) -> si.NearDup
     for task in tasks:
         for item in task.held:
             idx.add(item.question)
+            if item.prompt is not None:  # an lm-eval layout: also its question without the scaffolding
+                idx.add(_core(item.question))
     return idx
+
+
+def _core(text: str) -> str:
+    """A rendered prompt without a leading `Question:`/`Q:` and a trailing `Answer:`/`A:` line."""
+    lines = text.strip().split("\n")
+    if len(lines) > 1 and lines[-1].strip().rstrip(":").lower() in ("answer", "a"):
+        lines = lines[:-1]
+    first = lines[0]
+    for tag in ("Question:", "Q:"):
+        if first.startswith(tag):
+            lines[0] = first[len(tag):].strip()
+    return "\n".join(lines)
 
 
 def _subtopics(engine, plans: list[TaskPlan], cfg: GenerateConfig, seed: int) -> list[tuple[TaskPlan, str, object]]:

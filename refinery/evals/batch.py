@@ -83,7 +83,7 @@ def _key(cfg, path: str, specs: list[TaskSpec], latency: bool) -> str:
 
     data = task_digests(cfg.tasks) if cfg.evaluate.task_set != "standard" else {}
     parts = {"path": path, "model_bytes": dir_bytes(path), "tasks": [s.lm_eval_name for s in specs],
-             **({"data": data} if data else {}),
+             **({"data": data, "custom": to_dict(cfg.tasks.custom)} if data else {}),
              "eval_limit": cfg.tasks.eval_limit, "eval_fraction": cfg.tasks.eval_fraction, "seed": cfg.seed,
              "dtype": cfg.evaluate.dtype, "latency": to_dict(cfg.evaluate.latency) if latency else None}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

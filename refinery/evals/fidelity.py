@@ -7,6 +7,7 @@ model gives the gold answer can. Both are computed on the same held-out items fo
 from __future__ import annotations
 
 import math
+import string
 from pathlib import Path
 
 from refinery.core.manifest import read_jsonl
@@ -21,8 +22,9 @@ def _samples(run_dir: Path, model: str) -> dict | None:
 
 def _choice(row: dict) -> int | str:
     """The model's answer: its most likely choice, or (generative tasks) its reply, normalized."""
-    if "loglikelihoods" not in row:
-        return " ".join(str(row.get("response", "")).lower().split())
+    if "loglikelihoods" not in row:  # as exact match compares: case, punctuation and spacing ignored
+        text = str(row.get("response", "")).lower()
+        return "".join(c for c in text if c not in string.punctuation and not c.isspace())
     ll = row["loglikelihoods"]
     return max(range(len(ll)), key=ll.__getitem__)
 

@@ -64,8 +64,11 @@ def task_yaml(lm_eval_name: str, data_file: Path) -> dict:
             "metadata": {"version": 1.0}}
 
 
-# Exact match after normalization: case, punctuation, articles and spacing do not count.
-IGNORE = [r"(?i)\b(?:a|an|the)\b", r"\s+"]
+# Exact match after normalization: case, punctuation and spacing do not count. (Articles do: removing
+# them would turn letter answers such as "A" into "", which any blank reply would then match.)
+IGNORE = [r"\s+"]
+NO_ANSWER = "\u2205"
+"""What a reply the answer regex does not match becomes: no reference can equal it."""
 
 
 def generative_yaml(lm_eval_name: str, data_file: Path, task: Task) -> dict:
@@ -78,7 +81,7 @@ def generative_yaml(lm_eval_name: str, data_file: Path, task: Task) -> dict:
             "doc_to_target": "answers",
             "generation_kwargs": {"until": list(task.until), "max_gen_toks": task.max_new_tokens, "do_sample": False},
             "filter_list": [{"name": "extract", "filter": [
-                {"function": "regex", "regex_pattern": pattern, "group_select": 0, "fallback": ""},
+                {"function": "regex", "regex_pattern": pattern, "group_select": 0, "fallback": NO_ANSWER},
                 {"function": "take_first"}]}],
             "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                              "ignore_case": True, "ignore_punctuation": True, "regexes_to_ignore": IGNORE}],

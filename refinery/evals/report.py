@@ -252,7 +252,7 @@ def render(title: str, ctx: Context, results: dict, stages: list[dict], loss_row
                          if v.get("metric") == "exact_match"})
     if generative:
         out += [f"Generative tasks ({', '.join(generative)}): acc is exact match of the greedy answer with a "
-                "reference answer (case, punctuation, articles and spacing ignored); agreement below compares "
+                "reference answer (case, punctuation and spacing ignored); agreement below compares "
                 "answers the same way.", ""]
     fid = fidelity(ctx.run_dir, ordered_models(results))
     out += ["## Distillation fidelity (same held-out items)", "", fidelity_table(fid), "",

@@ -58,6 +58,8 @@ def tasks_identity(tasks_cfg, keys: tuple[str, ...] | None) -> dict:
     tasks = to_dict(tasks_cfg)
     out = {k: v for k, v in tasks.items() if keys is None or k in keys}
     out = {k: v for k, v in out.items() if not (k in ("custom", "include_path") and not v)}
+    if keys is not None and out.get("custom"):  # generate does not read answer_regex (evaluate does)
+        out["custom"] = {n: {k: v for k, v in c.items() if k != "answer_regex"} for n, c in out["custom"].items()}
     data = task_digests(tasks_cfg)
     return {**out, "data": data} if data else out
 

@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from refinery.core.manifest import dir_bytes, read_jsonl
+from refinery.core.tasks import load_task
 from refinery.evals.lmeval_tasks import held_out_docs
 
 LIMIT = 6
@@ -69,7 +70,7 @@ def test_evaluate_scores_two_offline_tasks_and_reports(tiny_config, tiny_student
 
     # lm-eval's per-item log-likelihoods equal an independent computation in the training layout.
     rows = [r for r in read_jsonl(out / "lmeval" / "student_base_samples.jsonl") if r["task"] == "siqa"]
-    docs = held_out_docs("siqa", cfg.tasks.eval_fraction, LIMIT)
+    docs = held_out_docs(load_task(cfg.tasks, "siqa"), LIMIT)
     assert [r["item_id"] for r in sorted(rows, key=lambda r: r["doc_id"])] == [d["id"] for d in docs]
     own = _own_loglikelihoods(tiny_student, docs)
     for r in sorted(rows, key=lambda r: r["doc_id"]):

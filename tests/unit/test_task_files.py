@@ -75,10 +75,13 @@ def test_generative_task_scores_exact_match_after_normalization(tmp_path):
     from refinery.evals.lmeval_tasks import build_tasks, task_manager
 
     rows = [{"id": f"g{i}", "question": f"code {i}?", "answers": [f"Alpha {i}", f"b{i}"], "split": "test"} for i in range(4)]
+    rows += [{"id": f"g{i}", "question": f"code {i}?", "answers": ["A"], "split": "test"} for i in (4, 5)]
     cfg = TasksConfig(names=["mine"], custom={"mine": CustomTask(str(_write(tmp_path / "g.jsonl", rows)), "codes",
                                                                  answer_regex=r"answer: (.+)")})
-    replies = {"code 0?": " answer: alpha 0.", "code 1?": " answer: B1", "code 2?": " answer: the b2 !",
-               "code 3?": " b3"}  # the last one has no "answer:" for the regex
+    replies = {"code 0?": " answer: alpha 0.", "code 1?": " answer: B1", "code 2?": " answer: b 2 !",
+               "code 3?": " b3",  # no "answer:" for the regex: no answer
+               "code 4?": " no idea",  # no answer must not match a one-letter reference
+               "code 5?": " answer: (a)"}
 
     class Given(LM):
         def loglikelihood(self, requests):
@@ -94,7 +97,7 @@ def test_generative_task_scores_exact_match_after_normalization(tmp_path):
     out = lm_eval.simple_evaluate(model=Given(), tasks=[specs[0].lm_eval_name], task_manager=task_manager(specs, tmp_path / "tasks"),
                                   log_samples=True)
     got = {s["doc"]["id"]: s["exact_match"] for s in out["samples"][specs[0].lm_eval_name]}
-    assert got == {"g0": 1.0, "g1": 1.0, "g2": 1.0, "g3": 0.0}
+    assert got == {"g0": 1.0, "g1": 1.0, "g2": 1.0, "g3": 0.0, "g4": 0.0, "g5": 1.0}
 
 
 @pytest.mark.parametrize("field,value,msg", [
@@ -112,3 +115,12 @@ def test_the_readme_example_task_file_loads_with_its_splits():
     t = load_task(_cfg("examples/support_tickets.jsonl"), "mine")
     assert t.kind == "multiple_choice" and len(t.seed) == 16 and len(t.held) == 8
     assert all(len(it.choices) == 4 for it in t.seed + t.held)
+
+
+def test_a_pretty_printed_json_file_with_a_syntax_error_names_its_line(tmp_path):
+    from refinery.core.config import ConfigError
+
+    f = tmp_path / "bb.json"
+    f.write_text('{\n  "examples": [\n    {"input": "q", "target_scores": {"a": 1, "b": 0},}\n  ]\n}\n')
+    with pytest.raises(ConfigError, match=r"bb.json:3: not valid JSON"):
+        load_task(_cfg(f), "mine")
