@@ -1,7 +1,7 @@
 """What every stage receives: the run directory, seed, models and tasks of the run."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from refinery.core.models import ModelsConfig
@@ -16,9 +16,11 @@ class Context:
     seed: int
     models: ModelsConfig
     tasks: TasksConfig
+    dirs: dict[str, Path] = field(default_factory=dict)
+    """Where a stage writes when not in `run_dir/<stage>` (a re-run's staging dir)."""
 
     def stage_dir(self, stage: str) -> Path:
-        return self.run_dir / stage
+        return Path(self.dirs[stage]) if stage in self.dirs else self.run_dir / stage
 
 
 @dataclass

@@ -4,10 +4,11 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from refinery.core.config import config_hash, to_dict
-from refinery.core.manifest import MANIFEST, is_complete, manifest_hash, write_manifest
+from refinery.core import staging
+from refinery.core.manifest import is_complete, manifest_hash, write_manifest
 
 log = logging.getLogger("refinery")
 
@@ -20,12 +21,17 @@ class Stage:
     target: str
     """`module:function` called as function(ctx, cfg) -> Result; imported only when run."""
     needs: tuple[str, ...]
+    carry: tuple[str, ...] = ()
+    """What a re-run over complete outputs starts from (globs in the stage dir): the stage resumes
+    from these by its own keys. A stage without them re-runs into an empty staging dir."""
 
 
 STAGES = (
     Stage("generate", "generate", "refinery.distill.generate:run", ()),
-    Stage("teacher-logits", "teacher_logits", "refinery.train.teacher_logits:run", ("generate",)),
-    Stage("distill", "distill", "refinery.train.trainer:run", ("generate",)),
+    Stage("teacher-logits", "teacher_logits", "refinery.train.teacher_logits:run", ("generate",),
+          carry=("shard-*.safetensors",)),
+    Stage("distill", "distill", "refinery.train.trainer:run", ("generate",),
+          carry=("checkpoints", "metrics.jsonl", "qat_diagnostics.jsonl")),
     Stage("quantize", "quantize", "refinery.quantize.gptq:run", ("distill",)),
     Stage("evaluate", "evaluate", "refinery.evals.evaluate:run", ("distill", "quantize")),
     Stage("report", "report", "refinery.evals.report:run", ("evaluate",)),
@@ -129,6 +135,8 @@ def run_stage(cfg, name: str, force: bool = False, reuse: frozenset = frozenset(
     stage = BY_NAME[name]
     ctx = cfg.context()
     out_dir = ctx.stage_dir(name)
+    for d in (name, *needs(cfg, stage)):
+        staging.recover(ctx.stage_dir(d))
     for need in needs(cfg, stage):
         check_input(cfg, stage, need, reuse)
     inputs = {need: manifest_hash(ctx.stage_dir(need)) for need in needs(cfg, stage)}
@@ -139,18 +147,15 @@ def run_stage(cfg, name: str, force: bool = False, reuse: frozenset = frozenset(
             log.info("%s: complete for this config, skipped (%s)", name, out_dir)
             return {"stage": name, "skipped": True}
         log.warning("%s: complete for this config, but %s: running it again", name, "; ".join(problems[:3]))
-    log.info("%s: running -> %s", name, out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # The stage rewrites its dir in place: until it finishes, no manifest may call the dir complete
-    # (a failed or killed re-run would otherwise leave an old "complete" over mixed outputs).
-    if (out_dir / MANIFEST).exists():
-        log.info("%s: its previous outputs are being replaced; the stage counts as not done until it ends", name)
-        (out_dir / MANIFEST).unlink()
+    work = staging.begin(out_dir, stage.carry)
+    log.info("%s: running -> %s", name, work)
     started = time.time()
     module, func = stage.target.split(":")
-    result = getattr(importlib.import_module(module), func)(ctx, getattr(cfg, stage.section))
-    m = write_manifest(out_dir, stage=name, config=resolved, cfg_hash=h, inputs=inputs,
+    result = getattr(importlib.import_module(module), func)(replace(ctx, dirs={name: work}),
+                                                            getattr(cfg, stage.section))
+    m = write_manifest(work, stage=name, config=resolved, cfg_hash=h, inputs=inputs,
                        metrics=result.metrics, started=started, outputs=result.outputs)
+    staging.finish(work, out_dir)
     log.info("%s: done in %.1f s", name, m["wall_s"])
     return {"stage": name, "skipped": False, "wall_s": m["wall_s"]}
 

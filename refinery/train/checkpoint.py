@@ -144,11 +144,15 @@ def clean(root: Path, keep: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def latest_checkpoint(root: Path, resume_key: str) -> Path | None:
-    """The newest intact checkpoint written for `resume_key`. Stale ones (other config) are removed;
-    a damaged one (a file truncated, missing or changed since it was written) is removed with a
-    warning and the one before it is taken."""
-    for _, d in reversed(complete_checkpoints(root)):
+def latest_checkpoint(root: Path, resume_key: str, max_step: int | None = None) -> Path | None:
+    """The newest intact checkpoint written for `resume_key`, at most at `max_step`. Stale ones
+    (other config, or past the run's last step) are removed; a damaged one (a file truncated,
+    missing or changed since it was written) is removed with a warning and the one before it is taken."""
+    for step, d in reversed(complete_checkpoints(root)):
+        if max_step is not None and step > max_step:
+            log.warning("checkpoint %s is past this run's last step (%d): removing it", d, max_step)
+            shutil.rmtree(d, ignore_errors=True)
+            continue
         try:
             state = json.loads((d / STATE).read_text())
         except (OSError, ValueError) as e:

@@ -144,7 +144,8 @@ def setup(ctx: Context, cfg: DistillConfig) -> Setup:
     # What shapes the loss curve: a checkpoint from anything else must not be resumed. The process
     # layout does not (N ranks take the single-process step): a checkpoint from another world size
     # is then refused by name in load_checkpoint rather than deleted as stale.
-    skip = ("checkpoint_every", "keep_checkpoints", "parallel")
+    # `steps` is left out so that a finished run can be extended from its last checkpoint.
+    skip = ("checkpoint_every", "keep_checkpoints", "parallel", "steps")
     shaping = hashed({k: v for k, v in to_dict(cfg).items() if k not in skip})
     ident = {"distill": shaping, "seed": ctx.seed, "models": list(paths), "data": file_hash(data)}
     if topk:
@@ -227,13 +228,19 @@ def _resume(s: Setup, cfg: DistillConfig, out: Path) -> int:
     latest = [None]
     if s.world.main:  # one rank decides (and removes stale or torn checkpoints), all load the same one
         ckpt.clean(root, cfg.keep_checkpoints)
-        latest = [ckpt.latest_checkpoint(root, s.resume_key)]
+        latest = [ckpt.latest_checkpoint(root, s.resume_key, cfg.steps)]
     if s.world.size > 1:
         torch.distributed.broadcast_object_list(latest, src=0)
     start = 0
     if latest[0] is not None:
-        start = ckpt.load_checkpoint(latest[0], s.model, s.optimizer, s.scheduler, s.world)["step"]
+        state = ckpt.load_checkpoint(latest[0], s.model, s.optimizer, s.scheduler, s.world)
+        start = state["step"]
         log.info("distill: resumed from %s (step %d of %d)", latest[0], start, cfg.steps)
+        made_for = state.get("steps", cfg.steps)
+        if made_for != cfg.steps:
+            log.warning("distill: extending a run made for %d steps to %d: steps %d-%d follow the %d-step "
+                        "learning-rate schedule from where it stands (a fresh %d-step run would differ)",
+                        made_for, cfg.steps, start + 1, cfg.steps, cfg.steps, cfg.steps)
     if s.world.main:  # rows past the checkpoint (written before a kill) are dropped: they will be redone
         write_jsonl(metrics, [r for r in _read_rows(metrics) if r["step"] <= start])
         diag = out / "qat_diagnostics.jsonl"
@@ -269,7 +276,8 @@ def run(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) -> R
     if cfg.parallel.strategy == "none" or dist.launched():
         return train(ctx, cfg, stop_after=stop_after)
     payload = {"run_dir": str(ctx.run_dir), "seed": ctx.seed, "models": to_dict(ctx.models),
-               "tasks": to_dict(ctx.tasks), "distill": to_dict(cfg), "stop_after": stop_after}
+               "tasks": to_dict(ctx.tasks), "distill": to_dict(cfg), "stop_after": stop_after,
+               "dirs": {k: str(v) for k, v in ctx.dirs.items()}}
     if cfg.parallel.launcher == "ray":
         from refinery.train.ray_launch import launch_ray
 
@@ -318,7 +326,7 @@ def train(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) ->
             if step % cfg.checkpoint_every == 0 or step == end or signum:
                 samples = step * cfg.grad_accum * cfg.batch_size
                 ckpt.save_checkpoint(root, step, s.model, s.optimizer, s.scheduler,
-                                     {"samples_seen": samples, "resume_key": s.resume_key}, s.world)
+                                     {"samples_seen": samples, "resume_key": s.resume_key, "steps": cfg.steps}, s.world)
                 if main:
                     ckpt.clean(root, cfg.keep_checkpoints)
             if signum and step < end:

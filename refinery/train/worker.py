@@ -24,7 +24,7 @@ def main(spec_path: str) -> int:
                         format=f"%(asctime)s [rank {rank}] %(name)s %(message)s", datefmt="%H:%M:%S")
     spec = json.loads(Path(spec_path).read_text())
     ctx = Context(Path(spec["run_dir"]), spec["seed"], build(ModelsConfig, spec["models"]),
-                  build(TasksConfig, spec["tasks"]))
+                  build(TasksConfig, spec["tasks"]), {k: Path(v) for k, v in spec.get("dirs", {}).items()})
     cfg = build(DistillConfig, spec["distill"])
     from refinery.train.trainer import train
 

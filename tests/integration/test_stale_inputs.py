@@ -98,3 +98,53 @@ def test_a_copied_run_dir_is_still_complete(finished, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(run, copy, copy_function=shutil.copy)  # new mtimes, same bytes: hashes decide
     assert verify_outputs(copy / "generate") == [] and verify_outputs(copy / "distill") == []
+
+
+def test_more_steps_extends_a_finished_run_from_its_last_checkpoint(finished, caplog):
+    from refinery.core.manifest import read_jsonl, read_manifest
+    from refinery.launch.config import load
+    from refinery.launch.stages import run_stage
+
+    path, run = finished
+    before = read_jsonl(run / "distill" / "metrics.jsonl")
+    with caplog.at_level(logging.INFO, logger="refinery"):
+        assert not run_stage(load(path, ["distill.steps=3"]), "distill")["skipped"]
+    assert "resumed from" in caplog.text and "(step 2 of 3)" in caplog.text
+    assert "extending a run made for 2 steps to 3" in caplog.text
+    rows = read_jsonl(run / "distill" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[:2] == before  # steps 1-2 not redone
+    m = read_manifest(run / "distill")
+    assert m["config"]["distill"]["steps"] == 3 and m["metrics"]["steps"] == 3
+    assert not (run / "distill.new").exists()
+
+
+def test_a_killed_rerun_keeps_the_finished_run_and_resumes_its_own_progress(finished, monkeypatch, caplog):
+    """`distill.steps=4` killed after step 3: the 2-step run stays complete and skippable (its manifest,
+    adapter, metrics and checkpoints untouched); the next 4-step run resumes at step 3 from distill.new/."""
+    from refinery.core.manifest import read_jsonl, read_manifest, verify_outputs
+    from refinery.launch.config import load
+    from refinery.launch.stages import run_stage
+    from refinery.train import trainer
+
+    path, run = finished
+    out = run / "distill"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = trainer.train_step
+
+    def killed_at_4(s, cfg, step, seed):
+        if step == 4:
+            raise KeyboardInterrupt  # as a kill would: no clean-up of ours runs after it
+        return real(s, cfg, step, seed)
+
+    monkeypatch.setattr(trainer, "train_step", killed_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(load(path, ["distill.steps=4"]), "distill")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert verify_outputs(out) == [] and run_stage(load(path), "distill")["skipped"]
+    assert [r["step"] for r in read_jsonl(run / "distill.new" / "metrics.jsonl")] == [1, 2, 3]
+    monkeypatch.setattr(trainer, "train_step", real)
+    with caplog.at_level(logging.INFO, logger="refinery"):
+        assert not run_stage(load(path, ["distill.steps=4"]), "distill")["skipped"]
+    assert "(step 3 of 4)" in caplog.text
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert read_manifest(out)["metrics"]["steps"] == 4 and not (run / "distill.new").exists()

@@ -122,7 +122,8 @@ def test_stale_keys_lists_what_changed_and_ignores_the_process_layout():
     assert stale_keys(made, now) == ["generate.top_p: 0.95 when made, '(unset)' now", "seed: 0 when made, 1 now"]
 
 
-def test_a_failed_rerun_leaves_no_complete_manifest_over_its_outputs(tmp_path, monkeypatch):
+def test_a_failed_rerun_leaves_the_last_complete_outputs_untouched(tmp_path, monkeypatch):
+    from refinery.core.manifest import read_manifest, verify_outputs
     from refinery.core.stage import Result
     from refinery.distill import generate
     from refinery.launch.config import load
@@ -131,20 +132,58 @@ def test_a_failed_rerun_leaves_no_complete_manifest_over_its_outputs(tmp_path, m
     cfg = load(None, [f"run_dir={tmp_path / 'run'}"])
     out = tmp_path / "run" / "generate"
 
-    def good(ctx, _):
-        (out / "data.jsonl").write_text('{"instruction": "q", "output": "a"}\n')
-        return Result(metrics={}, outputs=["data.jsonl"])
+    def good(text):
+        def run(ctx, _):
+            (ctx.stage_dir("generate") / "data.jsonl").write_text(text)
+            return Result(metrics={"text": text}, outputs=["data.jsonl"])
+        return run
 
     def bad(ctx, _):
-        (out / "data.jsonl").write_text('{"instruction": "half')  # killed mid-write, say
+        (ctx.stage_dir("generate") / "data.jsonl").write_text('{"instruction": "half')  # killed mid-write, say
         raise RuntimeError("teacher crashed")
 
-    monkeypatch.setattr(generate, "run", good)
+    first = '{"instruction": "q", "output": "a"}\n'
+    monkeypatch.setattr(generate, "run", good(first))
     assert run_stage(cfg, "generate")["skipped"] is False and (out / "manifest.json").is_file()
     assert run_stage(cfg, "generate")["skipped"] is True
     monkeypatch.setattr(generate, "run", bad)
     with pytest.raises(RuntimeError, match="teacher crashed"):
         run_stage(cfg, "generate", force=True)
-    assert not (out / "manifest.json").exists()  # so the next run (or a later stage) cannot take it as done
-    monkeypatch.setattr(generate, "run", good)
-    assert run_stage(cfg, "generate")["skipped"] is False
+    # the last good state: its manifest, its files as written; the failed attempt stays aside
+    assert (out / "data.jsonl").read_text() == first and verify_outputs(out) == []
+    assert read_manifest(out)["metrics"] == {"text": first}
+    assert (tmp_path / "run" / "generate.new" / "data.jsonl").is_file()
+    assert run_stage(cfg, "generate")["skipped"] is True  # same config: still complete
+    second = '{"instruction": "q2", "output": "a2"}\n'
+    monkeypatch.setattr(generate, "run", good(second))
+    assert run_stage(cfg, "generate", force=True)["skipped"] is False
+    assert (out / "data.jsonl").read_text() == second and read_manifest(out)["metrics"] == {"text": second}
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["generate"]  # staging swapped in, old gone
+
+
+def test_staging_carries_resume_files_and_completes_an_interrupted_swap(tmp_path):
+    import os
+
+    from refinery.core import staging
+    from refinery.core.manifest import write_json
+
+    out = tmp_path / "distill"
+    (out / "checkpoints" / "step-000002").mkdir(parents=True)
+    (out / "checkpoints" / "step-000002" / "adapter.safetensors").write_bytes(b"w" * 10)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "adapter").mkdir()
+    write_json(out / "manifest.json", {"status": "complete"})
+    assert staging.begin(tmp_path / "fresh", ("checkpoints",)) == tmp_path / "fresh"  # a first run: in place
+    new = staging.begin(out, ("checkpoints", "metrics.jsonl", "qat_diagnostics.jsonl"))
+    assert new == tmp_path / "distill.new" and sorted(p.name for p in new.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    ck_old, ck_new = (d / "checkpoints" / "step-000002" / "adapter.safetensors" for d in (out, new))
+    assert os.stat(ck_old).st_ino == os.stat(ck_new).st_ino  # replaced, never rewritten: linked
+    with (new / "metrics.jsonl").open("a") as f:  # appended to: a copy, the original is untouched
+        f.write('{"step": 2}\n')
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    # killed between the two renames of the swap: the next run finds the complete staging dir and moves it in
+    write_json(new / "manifest.json", {"status": "complete", "run": 2})
+    out.rename(tmp_path / ".distill.old.123")
+    staging.recover(out)
+    assert json.loads((out / "manifest.json").read_text())["run"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["distill", "fresh"]
