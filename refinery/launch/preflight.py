@@ -44,6 +44,15 @@ def model_dir(spec: str | None) -> Path | None:
     return gi.imported_dir(spec)
 
 
+def _needs_own_code(path: Path) -> bool:
+    import json
+
+    try:
+        return "auto_map" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # an unreadable config.json is for the loader to name
+
+
 def check_models(models) -> None:
     from refinery.core import gguf_import as gi
 
@@ -61,6 +70,10 @@ def check_models(models) -> None:
                                   f"a .gguf file, or one of {', '.join(gi.REGISTRY)}")
             if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
                 raise ConfigError(f"{key}: {spec!r} has a config.json but no weight files (*.safetensors)")
+            if not models.trust_remote_code and _needs_own_code(path):
+                raise ConfigError(f"{key}: {spec!r} needs the model's own Python code (auto_map in its "
+                                  "config.json), which is not run by default: set models.trust_remote_code=true "
+                                  "if you trust that code")
             continue
         if spec.startswith((".", "/")):
             raise ConfigError(f"{key}: path {spec!r} not found")

@@ -56,3 +56,19 @@ def test_an_unknown_bare_model_name_offline(check, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rc, err = check("models.teacher=someorg/not-a-model")
     assert rc == 2 and "is not a registry name" in err and "refinery models import" in err
+
+
+def test_a_model_that_needs_its_own_code_names_trust_remote_code(check, tmp_path, tiny_student):
+    import json
+    from pathlib import Path
+
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    for f in Path(tiny_student).iterdir():
+        (custom / f.name).symlink_to(f)
+    conf = json.loads((Path(tiny_student) / "config.json").read_text())
+    (custom / "config.json").unlink()
+    (custom / "config.json").write_text(json.dumps({**conf, "auto_map": {"AutoModelForCausalLM": "m.Model"}}))
+    rc, err = check(f"models.teacher={custom}")
+    assert rc == 2 and "models.teacher: " in err and "models.trust_remote_code=true" in err and "\n" not in err
+    assert check(f"models.teacher={custom}", "models.trust_remote_code=true")[0] == 0
