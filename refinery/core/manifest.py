@@ -29,14 +29,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         if path.is_dir() and tmp.is_dir():
-            old = path.with_name(f".{path.name}.old.{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            _rmtree(old)
+            replace_dir(tmp, path)
         else:
             os.replace(tmp, path)
     finally:
         _rmtree(tmp.parent)
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Put directory `new` where directory `path` is: old aside, new in, old deleted (a kill between
+    the renames leaves `.<name>.old.<pid>` beside it, which `staging.recover` clears)."""
+    old = path.with_name(f".{path.name}.old.{os.getpid()}")
+    path.rename(old)
+    new.rename(path)
+    _rmtree(old)
 
 
 def _rmtree(p: Path) -> None:

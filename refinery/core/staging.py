@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from refinery.core.manifest import MANIFEST, read_manifest
+from refinery.core.manifest import MANIFEST, read_manifest, replace_dir
 
 log = logging.getLogger("refinery")
 
@@ -82,9 +82,5 @@ def _link_or_copy(src: str | Path, dst: str | Path) -> None:
 
 def finish(work: Path, out: Path) -> None:
     """Swap a completed staging dir in for the stage dir (nothing to do for an in-place run)."""
-    if work == out:
-        return
-    old = out.with_name(f".{out.name}.old.{os.getpid()}")
-    out.rename(old)
-    work.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    if work != out:
+        replace_dir(work, out)
