@@ -17,8 +17,17 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """An expected failure the user can fix; the message names the file or key and the fix.
+    The CLIs print it as one line (rc 2); `-v` shows the traceback."""
+
+
+class ConfigError(UserError):
     """A config value or key is wrong; the message says which and what to do."""
+
+
+class InputError(UserError):
+    """An input file (data rows, model weights) is missing a field, malformed or truncated."""
 
 
 def load_yaml(path: str | Path) -> dict:

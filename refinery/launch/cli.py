@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from refinery.core.config import ConfigError, parse_with_overrides, to_dict
+from refinery.core.config import ConfigError, UserError, parse_with_overrides, to_dict
 
 STAGE_CMDS = ("generate", "teacher-logits", "distill", "quantize", "evaluate", "report")
 
@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.steps=50")
+        sp.add_argument("-v", "--verbose", action="store_true",
+                        help="print the traceback of an expected error (bad config, input file) too")
         if name != "check":
             sp.add_argument("--force", action="store_true", help="re-run even if the stage is complete")
             sp.add_argument("--reuse", default="", metavar="STAGES",
@@ -95,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         stages = (args.stages.split(",") if args.stages else None) if args.cmd == "run" else \
             None if args.cmd == "check" else [args.cmd]
         preflight(cfg, stages)
-    except ConfigError as e:
-        print(f"refinery: config error: {e}", file=sys.stderr)
+    except UserError as e:
+        if args.verbose:
+            raise
+        print(f"refinery: {'config error: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
         return 2
     if args.cmd == "check":
         import yaml
@@ -121,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             results = run_pipeline(cfg, stages, force=args.force, reuse=reuse)
         else:
             results = [run_stage(cfg, args.cmd, force=args.force, reuse=reuse)]
-    except (ConfigError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
+        if args.verbose:
+            raise
         print(f"refinery: {e}", file=sys.stderr)
         return 2
     except Preempted as e:

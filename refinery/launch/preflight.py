@@ -9,10 +9,11 @@ import os
 from pathlib import Path
 
 from refinery.core.config import ConfigError
+from refinery.core.weights import check_weights
 
 
 def preflight(cfg, stages: list[str] | None = None) -> None:
-    """Raise ConfigError on the first problem; `stages` (None: all) limits the stage-specific checks."""
+    """Raise ConfigError (InputError for broken weight files) on the first problem; `stages` (None: all) limits the stage-specific checks."""
     wanted = set(stages) if stages else {"generate", "teacher-logits", "distill", "quantize", "evaluate", "report"}
     check_run_dir(Path(cfg.run_dir))
     check_models(cfg.models)
@@ -81,6 +82,10 @@ def check_models(models) -> None:
             raise ConfigError(f"{key}: {spec!r} is not a registry name ({', '.join(gi.REGISTRY)}), a local path, "
                               "or an imported model, and HF_HUB_OFFLINE=1 with no copy in the hub cache: "
                               "`refinery models import FILE.gguf --name NAME`, or pass an HF model directory")
+    for key, spec in (("models.teacher", models.teacher), ("models.student.path", models.student.path)):
+        where = model_dir(spec)
+        if where is not None:
+            check_weights(where, key)
 
 
 def _in_hub_cache(repo: str) -> bool:

@@ -49,7 +49,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from refinery.core.config import ConfigError, config_hash, parse_with_overrides, to_dict
+from refinery.core.config import ConfigError, UserError, config_hash, parse_with_overrides, to_dict
 from refinery.core.manifest import (
     atomic_path,
     dir_bytes,
@@ -59,6 +59,7 @@ from refinery.core.manifest import (
     write_manifest,
 )
 from refinery.core.rayctl import PrivateRay
+from refinery.core.weights import check_weights
 from refinery.quantize.config import QuantizeConfig
 
 log = logging.getLogger("refinery.quantize.batch")
@@ -93,6 +94,7 @@ def resolve_source(path: str | Path) -> Source:
         if json.loads((p / "config.json").read_text()).get("quantization_config"):
             raise ConfigError(f"checkpoint {path} is already quantized (config.json has quantization_config); "
                               "pass the float model or the run dir")
+        check_weights(p, f"checkpoint {path}")
         return Source(_run_name(p), p, None, p)
     raise ConfigError(f"checkpoint {path} has no LoRA adapter (distill/adapter/ or adapter/ with "
                       "adapter_config.json) and no float model (config.json + *.safetensors): pass a finished "
@@ -442,7 +444,7 @@ def main(argv: list[str]) -> int:
         cfg = load(args.config, split_overrides(args))
         sources = sweep_sources(args.sweep) if args.sweep else args.checkpoints
         records = quantize_many(cfg, sources, args.out, args.workers, args.method, args.data, args.sweep)
-    except (ConfigError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"refinery quantize: {e}", file=sys.stderr)
         return 2
     print("\n" + format_table(records))

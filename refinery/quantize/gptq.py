@@ -17,14 +17,15 @@ import random
 import time
 from pathlib import Path
 
-from refinery.core.config import ConfigError, to_dict
-from refinery.core.manifest import atomic_path, dir_bytes, read_jsonl
+from refinery.core.config import ConfigError, InputError, to_dict
+from refinery.core.manifest import atomic_path, dir_bytes
 from refinery.core.models import resolve_models
 from refinery.core.prompts import example_text
 from refinery.core.stage import Context, Result
 from refinery.quantize.config import QuantizeConfig
 from refinery.quantize.merge import check_adapter, merge_lora
 from refinery.quantize.shapes import check_group_size, in_layers, quantizable_widths, safetensors_bytes
+from refinery.train.data import load_rows as read_rows
 
 log = logging.getLogger("refinery.quantize")
 RECIPE = "refinery_quantize.json"
@@ -76,16 +77,12 @@ def run(ctx: Context, cfg: QuantizeConfig) -> Result:
 
 
 def load_rows(path: Path) -> list[dict]:
-    """The generated Alpaca rows; a clear error if the generate stage has not produced them."""
+    """The generated Alpaca rows (checked as distill checks them), at least 2 of them."""
     if not path.is_file():
         raise FileNotFoundError(f"no calibration data at {path}: run `refinery generate` first")
-    rows = read_jsonl(path)
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not row.get("instruction") or "output" not in row:
-            raise ValueError(f"{path} line {i + 1} is not an Alpaca row with 'instruction' and 'output': "
-                             "re-run `refinery generate`")
+    rows = read_rows(path)
     if len(rows) < 2:
-        raise ValueError(f"{path} has {len(rows)} rows; quantize needs at least 2 (calibration + error check): "
+        raise InputError(f"{path} has {len(rows)} rows; quantize needs at least 2 (calibration + error check): "
                          "generate more data (e.g. raise generate.seeds_per_task)")
     return rows
 

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from refinery.core.manifest import atomic_path
+from refinery.core.weights import check_weights
 
 log = logging.getLogger("refinery.quantize")
 
@@ -27,6 +28,7 @@ def check_adapter(adapter_dir: str | Path) -> dict:
         raise FileNotFoundError(
             f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors: the distill stage did not "
             "finish; re-run `refinery distill`")
+    check_weights(adapter_dir, "LoRA adapter")
     return json.loads(cfg_file.read_text())
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from refinery.core.config import InputError
 from refinery.core.prompts import example_text
 
 REQUIRED = ("instruction", "output")
@@ -29,15 +30,17 @@ def load_rows(path: str | Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not valid JSON ({e}); re-run `refinery generate CONFIG --force`") from e
+                raise InputError(f"{path}:{n} is not valid JSON ({e}); re-run `refinery generate CONFIG --force`") from e
             missing = [k for k in REQUIRED if not isinstance(row.get(k), str) or not row[k].strip()]
             if missing:
-                raise ValueError(f"{path}:{n} lacks non-empty {', '.join(missing)}: expected Alpaca rows "
+                raise InputError(f"{path}:{n} lacks non-empty {', '.join(missing)}: expected Alpaca rows "
                                  '{"instruction", "input", "output", "task", "score"}')
             rows.append(row)
     if not rows:
-        raise ValueError(f"{path} holds no rows: the generate stage kept no pairs (lower "
-                         "generate.score_threshold or raise generate.seeds_per_task)")
+        # generate refuses to write an empty file (it names score_threshold then), so this one was
+        # emptied or supplied by hand
+        raise InputError(f"{path} holds no rows (generate never writes an empty file): re-run "
+                         "`refinery generate CONFIG --force`, or put Alpaca rows in your own data file")
     return rows
 
 

@@ -72,3 +72,50 @@ def test_a_model_that_needs_its_own_code_names_trust_remote_code(check, tmp_path
     rc, err = check(f"models.teacher={custom}")
     assert rc == 2 and "models.teacher: " in err and "models.trust_remote_code=true" in err and "\n" not in err
     assert check(f"models.teacher={custom}", "models.trust_remote_code=true")[0] == 0
+
+
+def test_a_truncated_weight_file_is_named_before_any_work(check, tmp_path, tiny_student):
+    import shutil
+    from pathlib import Path
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_student, broken)
+    weights = broken / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size - 4096)
+    for cmd in ("check", "run"):
+        rc, err = check(f"models.student.path={broken}", cmd=cmd)
+        assert rc == 2 and "models.student.path: " in err and str(weights) in err and "truncated" in err
+        assert "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    Path(weights).write_bytes(b"not a safetensors file at all")  # garbage header, same message shape
+    rc, err = check(f"models.student.path={broken}")
+    assert rc == 2 and str(weights) in err and "\n" not in err
+
+
+def test_a_bad_data_row_is_one_line_naming_file_and_line(check, tmp_path, write_train_data):
+    import json
+    import time
+
+    from refinery.core.manifest import write_manifest
+
+    rows = write_train_data(tmp_path / "run")
+    data = tmp_path / "run" / "generate" / "data.jsonl"
+    lines = [json.dumps(r) for r in rows]
+    lines[3] = json.dumps({**rows[3], "output": ""})
+    data.write_text("\n".join(lines) + "\n")  # a user's own rows, taken as they are (external)
+    write_manifest(data.parent, stage="generate", config={}, cfg_hash="user", inputs={}, external=True,
+                   metrics={}, started=time.time(), outputs=["data.jsonl"])
+    rc, err = check("distill.steps=1", cmd="distill")
+    assert rc == 2 and f"{data}:4 lacks non-empty output" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "distill" / "adapter").exists()
+    data.write_text("\n".join(lines[:2] + ["{not json"]) + "\n")
+    write_manifest(data.parent, stage="generate", config={}, cfg_hash="user", inputs={}, external=True,
+                   metrics={}, started=time.time(), outputs=["data.jsonl"])
+    rc, err = check("distill.steps=1", cmd="distill")
+    assert rc == 2 and f"{data}:3 is not valid JSON" in err
+    data.write_text("\n")  # emptied: not blamed on generate's score threshold (generate never writes this)
+    write_manifest(data.parent, stage="generate", config={}, cfg_hash="user", inputs={}, external=True,
+                   metrics={}, started=time.time(), outputs=["data.jsonl"])
+    rc, err = check("distill.steps=1", cmd="distill")
+    assert rc == 2 and f"{data} holds no rows" in err and "score_threshold" not in err

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from refinery.core.config import ConfigError
+from refinery.core.config import ConfigError, InputError
 from refinery.core.manifest import write_jsonl
 from refinery.launch.config import load
 from refinery.quantize.config import QuantizeConfig
@@ -94,10 +94,10 @@ def test_load_rows_errors_name_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `refinery generate` first"):
         load_rows(tmp_path / "data.jsonl")
     write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "output": "y"}, {"prompt": "no"}])
-    with pytest.raises(ValueError, match="line 2 is not an Alpaca row"):
+    with pytest.raises(InputError, match=r"bad.jsonl:2 lacks non-empty instruction, output"):
         load_rows(tmp_path / "bad.jsonl")
     write_jsonl(tmp_path / "one.jsonl", _rows(1))
-    with pytest.raises(ValueError, match="has 1 rows; quantize needs at least 2"):
+    with pytest.raises(InputError, match="has 1 rows; quantize needs at least 2"):
         load_rows(tmp_path / "one.jsonl")
     write_jsonl(tmp_path / "ok.jsonl", _rows(3))
     assert len(load_rows(tmp_path / "ok.jsonl")) == 3
