@@ -58,3 +58,11 @@ class PrivateRay:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def default_workers() -> int:
+    """Ray actors for a worker pool (GPTQ, vLLM evaluation): one per GPU; one on CPU (a second CPU
+    worker only splits the same cores)."""
+    import torch
+
+    return max(torch.cuda.device_count(), 1)

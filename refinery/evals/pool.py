@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from refinery.core.rayctl import PrivateRay, default_workers
 from refinery.evals.vllm_latency import (
     checkpoint_weight_bytes,
     measure_engine,
@@ -245,13 +246,6 @@ def _generate(llm, items) -> list[tuple[Any, str]]:
 
 # --------------------------------------------------------------------------- the driver side
 
-def default_workers() -> int:
-    """One actor per GPU; one on CPU (a second CPU engine only splits the same cores)."""
-    import torch
-
-    return max(torch.cuda.device_count(), 1)
-
-
 class EvalPool:
     """N Ray actors with one vLLM engine each; chunks of requests in, results by request id out."""
 
@@ -272,8 +266,6 @@ class EvalPool:
     def _start(self) -> None:
         import ray
         import torch
-
-        from refinery.core.rayctl import PrivateRay
 
         self._ray = PrivateRay(num_cpus=max(os.cpu_count() or 1, self.workers), prefix="rayeval-")
         self._ray.start()

@@ -17,19 +17,14 @@ of its tokens; `is_greedy` holds when each is the argmax at its position.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from refinery.distill.engines import model_max_len
+
 NAME = "refinery-vllm-pool"
-
-
-def model_max_len(model_path: str, cap: int = 4096) -> int:
-    """The context the workers' engines use (`refinery.distill.engines`: the model's, capped)."""
-    cfg = json.loads((Path(model_path) / "config.json").read_text())
-    return min(cap, cfg.get("max_position_embeddings") or cap)
 
 
 @register_model(NAME)
@@ -56,7 +51,7 @@ class PoolLM(TemplateLM):
         self.pool = pool
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
         self.chunk_size, self._max_gen_toks = int(chunk_size), int(max_gen_toks)
-        self._max_length = model_max_len(self.model_path)
+        self._max_length = model_max_len(self.model_path, trust_remote_code)
         self.requests_sent = 0
 
     # -- what lm-eval reads

@@ -58,7 +58,7 @@ from refinery.core.manifest import (
     write_csv,
     write_manifest,
 )
-from refinery.core.rayctl import PrivateRay
+from refinery.core.rayctl import PrivateRay, default_workers
 from refinery.core.weights import check_weights
 from refinery.quantize.config import QuantizeConfig
 
@@ -278,12 +278,6 @@ def check_workers(workers: int | None) -> None:
     if workers < 1 or (limit and workers > limit):
         raise ConfigError(f"--workers: got {workers}, expected an integer from 1 to {limit or 'the cluster size'} "
                           f"(one actor per {'GPU' if gpus else 'core'} at most)")
-
-
-def default_workers() -> int:
-    import torch
-
-    return torch.cuda.device_count() or 1
 
 
 def run_jobs(jobs: list[dict], calib: list[dict], workers: int, on_record=None) -> list[dict]:

@@ -2,7 +2,8 @@
 
 Newton-Schulz needs the whole matrix: orthogonalizing each rank's shard alone gives a
 different (wrong) update, and running it on every rank wastes world_size x the compute.
-`DistMuon` keeps `Muon`'s math and replaces only `_orthogonalize`:
+`DistMuon` keeps `Muon`'s step (momentum, weight decay, the update, with foreach kernels on
+each rank's local shards) and replaces only `_orthogonalize` and `_view` (the local shard):
 
 - each matrix gets an owner rank (greedy by Newton-Schulz FLOPs, the same on every rank);
 - replicated params (ddp, or one process): the owner orthogonalizes its matrices, and one
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from torch.distributed.tensor import Shard
 
-from refinery.train.muon import Muon, lr_scale, orthogonalize
+from refinery.train.muon import Muon, orthogonalize
 
 
 def _ns_flops(shape: tuple[int, ...]) -> int:
@@ -79,35 +80,27 @@ class DistMuon(Muon):
         self.ns_calls = 0
         """Matrices orthogonalized on this rank (each matrix counted on its owner only)."""
 
-    def _muon_step(self, group: dict, params: list[Tensor]) -> None:
+    def _view(self, t: Tensor) -> Tensor:
+        return _local(t)
+
+    def _orthogonalize(self, updates: list[Tensor], params: list[Tensor], group: dict) -> list[Tensor]:
         from torch.distributed.tensor import DTensor
 
         sharded = [isinstance(p, DTensor) for p in params]
         if any(sharded) and not all(sharded):
             raise TypeError("DistMuon: a param group mixes DTensor (sharded) and plain (replicated) params; "
                             "shard the whole model with fully_shard or none of it")
-        mu, lr = group["momentum"], group["lr"]
-        grads = [_local(p.grad) for p in params]
-        bufs = [_local(self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))) for p in params]
-        torch._foreach_lerp_(bufs, grads, 1 - mu)
-        updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
         shapes = [tuple(p.shape) for p in params]
         if not dist.is_initialized() or dist.get_world_size(self.group) == 1:
-            ortho = orthogonalize(updates, group["ns_steps"])
             self.ns_calls += len(updates)
-        elif all(sharded):
+            return orthogonalize(updates, group["ns_steps"])
+        if all(sharded):
             for p in params:
                 if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
                     raise NotImplementedError(f"DistMuon: sharded params must be Shard(0) on a 1-D mesh (as "
                                               f"fully_shard makes them), got {p.placements}")
-            ortho = self._sharded(updates, shapes, group["ns_steps"])
-        else:
-            ortho = self._replicated(updates, shapes, group["ns_steps"])
-        weights = [_local(p) for p in params]
-        if group["weight_decay"]:
-            torch._foreach_mul_(weights, 1 - lr * group["weight_decay"])
-        for w, u, shape in zip(weights, ortho, shapes):
-            w.add_(u.to(w.dtype), alpha=-lr * lr_scale(group["lr_scale"], shape))
+            return self._sharded(updates, shapes, group["ns_steps"])
+        return self._replicated(updates, shapes, group["ns_steps"])
 
     def _owned(self, mats: list[Tensor], steps: int) -> list[Tensor]:
         self.ns_calls += len(mats)

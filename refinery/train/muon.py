@@ -5,8 +5,9 @@ semi-orthogonal matrix: momentum (Nesterov) -> 5 Newton-Schulz quintic iteration
 X / ||X||_F -> a per-shape learning-rate scale. It matches `torch.optim.Muon` step for step
 (tests/unit/test_muon.py) but is written for what torch's is not:
 
-- `orthogonalize(list_of_matrices)` is a separate function and `Muon._orthogonalize` the one
-  hook a distributed subclass overrides (each rank orthogonalizes its share, then all_gather);
+- `orthogonalize(list_of_matrices)` is a separate function; a distributed subclass overrides
+  only `Muon._orthogonalize` (who runs Newton-Schulz on which matrix) and `Muon._view` (the
+  rank's local shard of a param), and keeps the momentum and update arithmetic here;
 - the per-shape LR rule is a declared setting (`lr_scale`), searchable like any other key;
 - param groups with `use_muon=False` get AdamW in the same optimizer, so one scheduler and one
   state_dict cover the whole student (as in the reference `MuonWithAuxAdam`).
@@ -110,8 +111,12 @@ class Muon(torch.optim.Optimizer):
                         "put embeddings, norms, biases and other non-2-D params in a group with "
                         "use_muon=False (AdamW), e.g. via refinery.train.muon.build_optimizer")
 
-    def _orthogonalize(self, updates: list[Tensor], group: dict) -> list[Tensor]:
-        """The one step a distributed Muon replaces (shard the list, orthogonalize, all_gather)."""
+    def _view(self, t: Tensor) -> Tensor:
+        """The tensor the element-wise arithmetic runs on (a distributed subclass: the local shard)."""
+        return t
+
+    def _orthogonalize(self, updates: list[Tensor], params: list[Tensor], group: dict) -> list[Tensor]:
+        """Newton-Schulz of each update (`params`: whose updates, for their full shapes)."""
         return orthogonalize(updates, group["ns_steps"])
 
     @torch.no_grad()
@@ -133,16 +138,18 @@ class Muon(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict, params: list[Tensor]) -> None:
         mu, lr = group["momentum"], group["lr"]
-        updates = []
-        for p in params:
-            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-            # EMA form of momentum (buf = mu*buf + (1-mu)*g); the scale is removed by the
-            # normalization inside Newton-Schulz, so this equals the classic form's direction.
-            buf.lerp_(p.grad, 1 - mu)
-            updates.append(p.grad.lerp(buf, mu) if group["nesterov"] else buf)
-        for p, u in zip(params, self._orthogonalize(updates, group)):
-            p.mul_(1 - lr * group["weight_decay"])
-            p.add_(u.to(p.dtype), alpha=-lr * lr_scale(group["lr_scale"], tuple(p.shape)))
+        grads = [self._view(p.grad) for p in params]
+        bufs = [self._view(self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))) for p in params]
+        # EMA form of momentum (buf = mu*buf + (1-mu)*g); the scale is removed by the
+        # normalization inside Newton-Schulz, so this equals the classic form's direction.
+        torch._foreach_lerp_(bufs, grads, 1 - mu)
+        updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+        ortho = self._orthogonalize(updates, params, group)
+        weights = [self._view(p) for p in params]
+        if group["weight_decay"]:
+            torch._foreach_mul_(weights, 1 - lr * group["weight_decay"])
+        for w, u, p in zip(weights, ortho, params):
+            w.add_(u.to(w.dtype), alpha=-lr * lr_scale(group["lr_scale"], tuple(p.shape)))
 
     def _adamw_step(self, group: dict, params: list[Tensor]) -> None:
         (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]

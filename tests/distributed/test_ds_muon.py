@@ -24,14 +24,14 @@ HERE = Path(__file__).parent
 class PerShardMuon(Muon):
     """The failure to detect: each rank's half of the rows orthogonalized alone."""
 
-    def _orthogonalize(self, updates, group):
+    def _orthogonalize(self, updates, params, group):
         return [torch.cat([newton_schulz(h).float() for h in u.chunk(2)]) for u in updates]
 
 
 class MomentumSGD(Muon):
     """The other failure: Newton-Schulz skipped (the update is the raw Nesterov momentum)."""
 
-    def _orthogonalize(self, updates, group):
+    def _orthogonalize(self, updates, params, group):
         return list(updates)
 
 
