@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from refinery.core.config import config_hash
-from refinery.core.manifest import write_json
+from refinery.core.manifest import read_jsonl_prefix, write_json
 
 LOCK = ".trial.pid"
 STAGES = "distill,quantize,evaluate"
@@ -75,15 +75,7 @@ def _die_with_parent() -> None:
 
 def distill_losses(run_dir: Path) -> list[float]:
     """Losses of the distill steps done so far (a torn last line from a live writer is skipped)."""
-    out = []
-    path = run_dir / "distill" / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line)["loss"])
-            except (json.JSONDecodeError, KeyError):
-                break
-    return out
+    return [r["loss"] for r in read_jsonl_prefix(run_dir / "distill" / "metrics.jsonl")]
 
 
 def run_replicate(sweep, sweep_dir: Path, params: dict, k: int, base_seed: int, on_progress=None) -> dict:

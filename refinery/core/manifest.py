@@ -81,6 +81,20 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_jsonl_prefix(path: str | Path) -> list[dict]:
+    """The rows of an append-only JSONL log up to its first line that does not parse (the torn
+    last line of a killed or still-running writer); [] when there is no file."""
+    rows = []
+    p = Path(path)
+    if p.is_file():
+        for line in p.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
 def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with Path(path).open("rb") as f:

@@ -26,6 +26,7 @@ from refinery.core.manifest import (
     file_hash,
     manifest_hash,
     read_jsonl,
+    read_jsonl_prefix,
     write_jsonl,
 )
 from refinery.core.models import resolve_model, resolve_models
@@ -242,22 +243,11 @@ def _resume(s: Setup, cfg: DistillConfig, out: Path) -> int:
                         "learning-rate schedule from where it stands (a fresh %d-step run would differ)",
                         made_for, cfg.steps, start + 1, cfg.steps, cfg.steps, cfg.steps)
     if s.world.main:  # rows past the checkpoint (written before a kill) are dropped: they will be redone
-        write_jsonl(metrics, [r for r in _read_rows(metrics) if r["step"] <= start])
+        write_jsonl(metrics, [r for r in read_jsonl_prefix(metrics) if r["step"] <= start])
         diag = out / "qat_diagnostics.jsonl"
         if diag.is_file():
-            write_jsonl(diag, [r for r in _read_rows(diag) if r["step"] <= start and s.qat is not None])
+            write_jsonl(diag, [r for r in read_jsonl_prefix(diag) if r["step"] <= start and s.qat is not None])
     return start
-
-
-def _read_rows(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a torn last line from a killed writer
-                break
-    return rows
 
 
 def _summary(rows: list[dict], s: Setup, cfg: DistillConfig, wall: float) -> dict:

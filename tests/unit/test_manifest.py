@@ -187,3 +187,12 @@ def test_staging_carries_resume_files_and_completes_an_interrupted_swap(tmp_path
     staging.recover(out)
     assert json.loads((out / "manifest.json").read_text())["run"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["distill", "fresh"]
+
+
+def test_read_jsonl_prefix_stops_at_a_torn_last_line(tmp_path):
+    from refinery.core.manifest import read_jsonl_prefix
+
+    log = tmp_path / "metrics.jsonl"
+    assert read_jsonl_prefix(log) == []
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_jsonl_prefix(log)] == [1, 2]
