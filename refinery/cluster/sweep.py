@@ -26,6 +26,7 @@ from pathlib import Path
 from refinery.cluster.sweep_config import SweepConfig, load_sweep
 from refinery.core.config import ConfigError, to_dict
 from refinery.core.manifest import write_json
+from refinery.core.proc import setup_logging
 from refinery.core.rayctl import PrivateRay
 
 log = logging.getLogger("refinery.sweep")
@@ -272,7 +273,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--address", default=None, help="an existing Ray cluster (e.g. auto); default: local Ray")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     from refinery.train.preempt import Preempted
 
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from refinery.core.config import config_hash
 from refinery.core.manifest import read_jsonl_prefix, write_json
+from refinery.core.proc import pythonpath
 
 LOCK = ".trial.pid"
 STAGES = "distill,quantize,evaluate"
@@ -88,8 +89,7 @@ def run_replicate(sweep, sweep_dir: Path, params: dict, k: int, base_seed: int, 
     cmd = [sys.executable, "-m", "refinery.launch.cli", "run", sweep.base, *overrides(sweep, params),
            f"run_dir={run_dir}", f"seed={base_seed + k}", "--stages", STAGES,
            "--reuse", "generate"]  # one shared generate (made at the base seed) for every replicate
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": pythonpath()}
     env.update(_ray_address())  # distill.parallel.launcher=ray: the TorchTrainer joins the sweep's cluster
     t0 = time.time()
     with (run_dir / "trial.log").open("a") as log:

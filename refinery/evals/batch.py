@@ -26,6 +26,7 @@ from pathlib import Path
 
 from refinery.core.manifest import dir_bytes, write_json, write_jsonl
 from refinery.core.manifest import write_csv as write_csv_rows
+from refinery.core.proc import setup_logging
 from refinery.evals.evaluate import _sample_rows, _task_scores, mean_accuracy
 from refinery.evals.lmeval_tasks import (
     TaskSpec,
@@ -299,7 +300,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
                    help="measure latency and memory (default: evaluate.latency.enabled)")
     args = p.parse_args(rest)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     try:
         cfg = load(args.config, overrides)
         models = resolve_models(cfg, args.models)

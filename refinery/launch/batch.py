@@ -22,6 +22,7 @@ from pathlib import Path
 
 from refinery.core.config import ConfigError, parse_with_overrides
 from refinery.core.manifest import write_csv
+from refinery.core.proc import setup_logging
 
 COLUMNS = ("name", "bits", "group_size", "bytes_before", "bytes_after", "kl_mean", "quantize_s", "mean_acc",
            "mean_acc_stderr", "decode_ms", "status")
@@ -177,7 +178,7 @@ def _overlapped(cfg, sources, out: Path, q_workers, e_workers, method, data, swe
 def main(argv: list[str]) -> int:
     parser = _parser()
     args = parse_with_overrides(parser, argv)  # overrides may also follow the options
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     from refinery.launch.config import load
     from refinery.quantize.batch import split_overrides, sweep_sources
 

@@ -18,6 +18,7 @@ import logging
 import sys
 
 from refinery.core.config import ConfigError, UserError, parse_with_overrides, to_dict
+from refinery.core.proc import setup_logging
 
 STAGE_CMDS = ("generate", "teacher-logits", "distill", "quantize", "evaluate", "report")
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return batch_evaluate_main(argv[1:])
     parser = _parser()
     args = parse_with_overrides(parser, argv)  # overrides may also follow the options
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     from refinery.launch.config import load
 
     overrides = list(args.overrides)

@@ -58,6 +58,7 @@ from refinery.core.manifest import (
     write_csv,
     write_manifest,
 )
+from refinery.core.proc import pythonpath, setup_logging
 from refinery.core.rayctl import PrivateRay, default_workers
 from refinery.core.weights import check_weights
 from refinery.quantize.config import QuantizeConfig
@@ -287,8 +288,7 @@ def run_jobs(jobs: list[dict], calib: list[dict], workers: int, on_record=None) 
 
     gpus = torch.cuda.device_count()
     threads = max((os.cpu_count() or 1) // workers, 1)  # torch threads per actor
-    root = str(Path(__file__).resolve().parents[2])
-    env = {"PYTHONPATH": os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)}
+    env = {"PYTHONPATH": pythonpath()}
     if "GPTQMODEL_CPU_WORKERS" in os.environ:
         env["GPTQMODEL_CPU_WORKERS"] = os.environ["GPTQMODEL_CPU_WORKERS"]
     with PrivateRay(prefix="rayq-") as ray:
@@ -431,7 +431,7 @@ def split_overrides(args) -> list[str]:
 def main(argv: list[str]) -> int:
     parser = _parser()
     args = parse_with_overrides(parser, argv)  # overrides may also follow the options
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     from refinery.launch.config import load
 
     try:

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from refinery.core.proc import pythonpath
+
 log = logging.getLogger("refinery.train")
 
 
@@ -156,8 +158,7 @@ def launch(payload: dict, nproc: int, out: Path) -> dict:
     write_json(spec, payload)
     result = out / "result.json"
     result.unlink(missing_ok=True)
-    root = str(Path(__file__).resolve().parents[2])  # this checkout, whatever else is installed
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": pythonpath()}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "--max-restarts", "0", "-m", "refinery.train.worker", str(spec)]

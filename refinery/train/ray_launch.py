@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from refinery.core.manifest import write_json
+from refinery.core.proc import pythonpath
 from refinery.core.rayctl import PrivateRay
 
 log = logging.getLogger("refinery.train")
@@ -37,14 +38,13 @@ def launch_ray(payload: dict, parallel, out: Path) -> dict:
     private = PrivateRay(num_cpus=max(parallel.nproc, os.cpu_count() or 1), prefix="rayt-", log_to_driver=True)
     private.start()
     cuda = torch.cuda.is_available()
-    root = str(Path(__file__).resolve().parents[2])
     trainer = TorchTrainer(
         _worker, train_loop_config={"spec": str(spec.resolve()), "cwd": os.getcwd()},
         scaling_config=ScalingConfig(num_workers=parallel.nproc, use_gpu=cuda),
         torch_config=TorchConfig(backend="nccl" if cuda else "gloo", timeout_s=parallel.timeout_s),
         run_config=RunConfig(name="distill", storage_path=str((out / "ray-train").resolve()),
                              failure_config=FailureConfig(max_failures=0),
-                             worker_runtime_env={"env_vars": {"PYTHONPATH": root}}))
+                             worker_runtime_env={"env_vars": {"PYTHONPATH": pythonpath()}}))
     log.info("distill: Ray Train TorchTrainer with %d workers (%s)", parallel.nproc, "nccl" if cuda else "gloo")
     try:
         trainer.fit()
