@@ -29,7 +29,7 @@ def _params(kind: str):
 
     from refinery.core.models import derive_student, smollm2_dir
     from refinery.train.dist import World, shard
-    from refinery.train.muon import split_params
+    from refinery.train.optim import split_params
 
     path = derive_student(str(smollm2_dir()), 12)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

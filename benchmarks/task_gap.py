@@ -82,9 +82,9 @@ def score(cfg, model_name: str, path: str, tasks: list[str], out: Path) -> None:
     import torch
 
     from refinery.core.manifest import write_jsonl
-    from refinery.evals.evaluate import _sample_rows, score_model
     from refinery.evals.lmeval_tasks import build_tasks, task_manager
     from refinery.evals.loading import load_model
+    from refinery.evals.scores import sample_rows, score_model
 
     todo = [t for t in tasks if not (out / model_name / f"{t}.jsonl").is_file()]
     if not todo:
@@ -98,7 +98,7 @@ def score(cfg, model_name: str, path: str, tasks: list[str], out: Path) -> None:
         specs = build_tasks(tasks_cfg, out / "tasks")
         raw = score_model(model, tok, specs, task_manager(specs, out / "tasks"), cfg.evaluate.batch_size, cfg.seed,
                           cfg.evaluate.shared_context)
-        rows = _sample_rows(raw.get("samples", {}), specs)
+        rows = sample_rows(raw.get("samples", {}), specs)
         write_jsonl(out / model_name / f"{task}.jsonl", rows)
         with open(out / "walls.jsonl", "a") as f:
             f.write(json.dumps({"model": model_name, "task": task, "items": len(rows), "dtype": str(model.dtype),

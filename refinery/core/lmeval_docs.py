@@ -14,13 +14,14 @@ from functools import lru_cache
 from pathlib import Path
 
 from refinery.core.config import ConfigError
-from refinery.core.tasks import OFFLINE, Item, Task, drop_overlap
+from refinery.core.items import Item, Task, drop_overlap
 
 log = logging.getLogger("refinery")
 
 
-def lmeval_task(name: str, include_path: str | None, description: str) -> Task:
-    return _load(name, include_path, _stamp(include_path), description)
+def lmeval_task(name: str, include_path: str | None, description: str, bundled: tuple[str, ...] = ()) -> Task:
+    """`bundled`: the bundled task names, for the error when `name` is none of them and no lm-eval task."""
+    return _load(name, include_path, _stamp(include_path), description, bundled)
 
 
 def _stamp(include_path: str | None) -> tuple:
@@ -39,13 +40,13 @@ def task_manager(include_path: str | None, need_defaults: bool = True):
 
 
 @lru_cache(maxsize=16)
-def _load(name: str, include_path: str | None, stamp: tuple, description: str) -> Task:
+def _load(name: str, include_path: str | None, stamp: tuple, description: str, bundled: tuple[str, ...]) -> Task:
     tm = task_manager(include_path, need_defaults=False) if include_path else None
     if tm is None or name not in tm.all_tasks:
         tm = task_manager(include_path)  # lm-eval's own index: seconds
     if name not in tm.all_tasks:
         where = f" or in tasks.include_path ({include_path})" if include_path else ""
-        raise ConfigError(f"tasks.names: {name!r} is neither a bundled task ({', '.join(OFFLINE)}), nor a file "
+        raise ConfigError(f"tasks.names: {name!r} is neither a bundled task ({', '.join(bundled)}), nor a file "
                           f"task in tasks.custom, nor an lm-eval task{where}: define it under tasks.custom "
                           "with a file, or fix the name")
     try:

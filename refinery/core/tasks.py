@@ -13,7 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from refinery.core.config import check
-from refinery.core.prompts import prompt_text
+from refinery.core.items import Item, Task, bucket, drop_overlap
+from refinery.core.lmeval_docs import lmeval_task
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "benchmarks"
 
@@ -90,30 +91,6 @@ class TasksConfig:
                   "a directory of lm-eval task YAML files")
 
 
-@dataclass(frozen=True)
-class Item:
-    """One multiple-choice question: `answer` indexes `choices`."""
-
-    id: str
-    question: str
-    choices: tuple[str, ...]
-    answer: int
-    answers: tuple[str, ...] = ()
-    """Generative items: the reference answers (choices is empty, answer -1)."""
-    prompt: str | None = None
-    """The exact context when the task has its own layout (lm-eval tasks); else prompt_text(question)."""
-    delimiter: str = " "
-    """What joins the context and an answer (lm-eval's target_delimiter)."""
-
-    @property
-    def gold(self) -> str:
-        return self.choices[self.answer] if self.choices else self.answers[0]
-
-    def context(self) -> str:
-        """The text the model is conditioned on, in this task's one layout (generate and evaluate)."""
-        return self.prompt if self.prompt is not None else prompt_text(self.question)
-
-
 def _bigbench(path: Path) -> list[Item]:
     items = []
     for ex in json.loads(path.read_text())["examples"]:
@@ -174,33 +151,6 @@ def split(name: str, eval_fraction: float) -> tuple[list[Item], list[Item]]:
     return seed, held
 
 
-def bucket(key: str) -> float:
-    """An item's place in [0, 1] by its id's hash: below eval_fraction means held out."""
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-
-
-@dataclass(frozen=True)
-class Task:
-    """One task of a run, resolved: its items split into seeds and held-out items."""
-
-    name: str
-    description: str
-    kind: str
-    """`multiple_choice` or `generate`."""
-    source: str
-    """`bundled`, `file` or `lm_eval`."""
-    seed: tuple[Item, ...]
-    held: tuple[Item, ...]
-    digest: str | None
-    """Hash of the task's data (None for bundled tasks: the package version fixes them)."""
-    answer_regex: str | None = None
-    max_new_tokens: int = 32
-    until: tuple[str, ...] = ("\n",)
-    """Generative tasks: where an answer ends."""
-    opaque: bool = False
-    """An lm-eval task whose documents are not one context + choices (winogrande): no items here."""
-
-
 def load_task(cfg: TasksConfig, name: str) -> Task:
     """Task `name` of this config: bundled, a file in `custom`, or an lm-eval task. Raises
     ConfigError naming the file, line and field when a user's task data is wrong."""
@@ -213,10 +163,8 @@ def load_task(cfg: TasksConfig, name: str) -> Task:
         st = p.stat() if p.is_file() else None
         return _file_task(name, str(p), st and (st.st_size, st.st_mtime_ns), cfg.eval_fraction, custom.description,
                           custom.answer_regex, custom.max_new_tokens)
-    from refinery.core.lmeval_docs import lmeval_task
-
     desc = custom.description if custom is not None and custom.description else name
-    return lmeval_task(name, cfg.include_path, desc)
+    return lmeval_task(name, cfg.include_path, desc, tuple(OFFLINE))
 
 
 @lru_cache(maxsize=64)
@@ -230,16 +178,6 @@ def _file_task(name, path, stamp, eval_fraction, description, answer_regex, max_
     seed = drop_overlap([it for _, it in items if it.id not in held_ids], held)
     return Task(name, description, kind, "file", tuple(seed), tuple(held), file_digest(path), answer_regex,
                 max_new_tokens)
-
-
-def drop_overlap(seed: list[Item], held: list[Item]) -> list[Item]:
-    """Seed items whose question is not also a held-out question (after case and spacing)."""
-    taken = {_key(it.question) for it in held}
-    return [it for it in seed if _key(it.question) not in taken]
-
-
-def _key(question: str) -> str:
-    return " ".join(question.lower().split())
 
 
 def task_digests(cfg: TasksConfig) -> dict[str, str]:

@@ -27,14 +27,14 @@ from pathlib import Path
 from refinery.core.manifest import dir_bytes, write_json, write_jsonl
 from refinery.core.manifest import write_csv as write_csv_rows
 from refinery.core.proc import setup_logging
-from refinery.evals.evaluate import _sample_rows, _task_scores, mean_accuracy
 from refinery.evals.lmeval_tasks import (
     TaskSpec,
     build_tasks,
     check_loadable,
     task_manager,
 )
-from refinery.evals.loading import is_quantized, resolve_dtype
+from refinery.evals.loading import is_quantized, model_paths, resolve_dtype
+from refinery.evals.scores import mean_accuracy, sample_rows, task_scores
 
 log = logging.getLogger("refinery.evals.batch")
 
@@ -44,8 +44,6 @@ RUN_MODELS = ("teacher", "student_base", "student", "student_quant")
 def resolve_models(cfg, specs: list[str]) -> dict[str, str]:
     """{name: path} for model args: run model names via the config, else HF dirs (name = the dir
     name, parent names prepended until unique). A missing or non-model path fails naming it."""
-    from refinery.evals.evaluate import model_paths
-
     named = [s for s in specs if s in RUN_MODELS]
     run_paths = model_paths(cfg.context(), named) if named else {}
     dirs = [Path(s) for s in specs if s not in RUN_MODELS]
@@ -110,7 +108,7 @@ def evaluate_one(pool, name: str, path: str, cfg, specs, tm, out: Path, latency:
     raw = score_with_pool(pool, path, specs, tm, cfg.seed, cfg.tasks.eval_limit)
     eval_s = time.time() - t0
     samples = raw.pop("samples", {})
-    tasks = _task_scores(raw, specs)
+    tasks = task_scores(raw, specs)
     mean, mean_se = mean_accuracy(tasks)
     entry = {"name": name, "path": path, "bytes": dir_bytes(path), "quantized": is_quantized(path),
              "backend": "vllm", "workers": pool.workers, "tasks": tasks, "mean_acc": mean,
@@ -126,7 +124,7 @@ def evaluate_one(pool, name: str, path: str, cfg, specs, tm, out: Path, latency:
     entry["engine_loads"], entry["engine_swaps"] = sum(w["loads"] for w in info), sum(w["swaps"] for w in info)
     d = out / name
     write_json(d / "lmeval.json", raw)
-    write_jsonl(d / "samples.jsonl", _sample_rows(samples, specs))
+    write_jsonl(d / "samples.jsonl", sample_rows(samples, specs))
     write_json(d / "results.json", entry)  # last: its presence means the model is done
     return entry
 
@@ -151,8 +149,8 @@ def evaluate_run_models(paths: dict[str, str], ctx, cfg, specs, tm, out: Path) -
             raw = score_with_pool(pool, path, specs, tm, ctx.seed, ctx.tasks.eval_limit)
             samples = raw.pop("samples", {})
             write_json(out / "lmeval" / f"{name}.json", raw)
-            write_jsonl(out / "lmeval" / f"{name}_samples.jsonl", _sample_rows(samples, specs))
-            tasks = _task_scores(raw, specs)
+            write_jsonl(out / "lmeval" / f"{name}_samples.jsonl", sample_rows(samples, specs))
+            tasks = task_scores(raw, specs)
             mean, mean_se = mean_accuracy(tasks)
             entry = {"path": path, "bytes": dir_bytes(path) if Path(path).exists() else None, "params": None,
                      "quantized": is_quantized(path), "tasks": tasks, "mean_acc": mean, "mean_acc_stderr": mean_se,

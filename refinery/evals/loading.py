@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from refinery.core.models import resolve_models
+from refinery.core.stage import Context
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -81,3 +84,17 @@ def param_count(model) -> int:
                 total += bias.numel()
     return total
 
+
+def model_paths(ctx: Context, names: list[str]) -> dict[str, str]:
+    """Where each requested model lives; a missing input names the stage that makes it."""
+    quant_dir = ctx.stage_dir("quantize")
+    paths = {"student": str(quant_dir / "merged"), "student_quant": str(quant_dir / "gptq")}
+    for name in ("student", "student_quant"):
+        if name in names and not (Path(paths[name]) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"evaluate: model {name!r} needs {paths[name]}/ (an HF model dir with config.json), "
+                "which is missing: run the quantize stage first (`refinery quantize CONFIG`), or drop "
+                f"{name!r} from evaluate.models")
+    if "teacher" in names or "student_base" in names:
+        paths["teacher"], paths["student_base"] = resolve_models(ctx.models)
+    return {name: paths[name] for name in names}

@@ -30,7 +30,7 @@ STAGES = (
     Stage("generate", "generate", "refinery.distill.generate:run", ()),
     Stage("teacher-logits", "teacher_logits", "refinery.train.teacher_logits:run", ("generate",),
           carry=("shard-*.safetensors",)),
-    Stage("distill", "distill", "refinery.train.trainer:run", ("generate",),
+    Stage("distill", "distill", "refinery.train.launch:run", ("generate",),
           carry=("checkpoints", "metrics.jsonl", "qat_diagnostics.jsonl")),
     Stage("quantize", "quantize", "refinery.quantize.gptq:run", ("distill",)),
     Stage("evaluate", "evaluate", "refinery.evals.evaluate:run", ("distill", "quantize")),

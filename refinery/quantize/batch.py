@@ -175,7 +175,7 @@ def plan(cfg, paths: list[str | Path], out: str | Path, method: str | None = Non
          sweep: Path | None = None) -> dict:
     """Validate everything and build the jobs (no model is loaded); ConfigError/FileNotFoundError on bad input."""
     from refinery.core.models import resolve_models
-    from refinery.quantize.gptq import load_rows, split_texts
+    from refinery.quantize.calib import load_rows, split_texts
 
     method = method or cfg.quantize.method
     if method not in METHODS:
@@ -224,7 +224,8 @@ def quantize_one(job: dict, calib: list[dict]) -> dict:
     from transformers import AutoTokenizer
 
     from refinery.core.config import build
-    from refinery.quantize.gptq import measure_error, quantize_tokenized
+    from refinery.quantize.gptq import quantize_tokenized
+    from refinery.quantize.load import measure_error
     from refinery.quantize.merge import merge_lora
 
     cfg, final, trust = build(QuantizeConfig, job["config"]), Path(job["out"]), job["trust"]

@@ -13,19 +13,18 @@ import gc
 import json
 import logging
 import os
-import random
 import time
 from pathlib import Path
 
-from refinery.core.config import ConfigError, InputError, to_dict
+from refinery.core.config import ConfigError, to_dict
 from refinery.core.manifest import atomic_path, dir_bytes
 from refinery.core.models import resolve_models
-from refinery.core.prompts import example_text
 from refinery.core.stage import Context, Result
+from refinery.quantize.calib import load_rows, split_texts
 from refinery.quantize.config import QuantizeConfig
+from refinery.quantize.load import measure_error
 from refinery.quantize.merge import check_adapter, merge_lora
 from refinery.quantize.shapes import check_group_size, in_layers, quantizable_widths, safetensors_bytes
-from refinery.train.data import load_rows as read_rows
 
 log = logging.getLogger("refinery.quantize")
 RECIPE = "refinery_quantize.json"
@@ -74,32 +73,6 @@ def run(ctx: Context, cfg: QuantizeConfig) -> Result:
              stats["quantize_s"])
     outputs = sorted(str(p.relative_to(out)) for d in (merged, out / "gptq") for p in d.rglob("*") if p.is_file())
     return Result(metrics=metrics, outputs=outputs)
-
-
-def load_rows(path: Path) -> list[dict]:
-    """The generated Alpaca rows (checked as distill checks them), at least 2 of them."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no calibration data at {path}: run `refinery generate` first")
-    rows = read_rows(path)
-    if len(rows) < 2:
-        raise InputError(f"{path} has {len(rows)} rows; quantize needs at least 2 (calibration + error check): "
-                         "generate more data (e.g. raise generate.seeds_per_task)")
-    return rows
-
-
-def split_texts(rows: list[dict], n_calib: int, n_error: int, seed: int) -> tuple[list[str], list[str]]:
-    """(calibration texts, held-out error texts) in the shared prompt format; the two never overlap.
-
-    At most a quarter of the rows (and at least one) is held out, so calibration keeps most of a
-    small data set.
-    """
-    texts = [example_text(r)[1] for r in rows]
-    random.Random(seed).shuffle(texts)
-    k = max(1, min(n_error, len(texts) // 4))
-    held_out, calib = texts[:k], texts[k:k + n_calib]
-    if len(calib) < n_calib:
-        log.warning("quantize: only %d calibration texts available (asked for %d)", len(calib), n_calib)
-    return calib, held_out
 
 
 def quantize_model(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, calibration_texts: list[str],
@@ -207,22 +180,3 @@ def _gptq_env() -> None:
     # stalls; REFERENCE.md measured it working with 2. Read at import, so set before importing it.
     default = max(2, ((os.cpu_count() or 1) + 1) // 2)
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(default))
-
-
-def measure_error(merged_dir: str | Path, gptq_dir: str | Path, texts: list[str], max_len: int,
-                  trust_remote_code: bool = False) -> dict:
-    """Quantization error of `gptq_dir` against the float `merged_dir` on held-out texts (see load.py)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from refinery.quantize.load import load_quantized, quantization_error
-
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=trust_remote_code)
-    ref = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32,
-                                               trust_remote_code=trust_remote_code).eval()
-    quant = load_quantized(gptq_dir, trust_remote_code=trust_remote_code)
-    try:
-        return quantization_error(ref, quant, tokenizer, texts, max_len)
-    finally:
-        del ref, quant
-        gc.collect()

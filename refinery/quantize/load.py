@@ -6,6 +6,7 @@ installed; no CUDA is needed.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 from importlib import util
@@ -71,3 +72,20 @@ def quantization_error(ref_model, quant_model, tokenizer, texts: list[str], max_
     ppl_ref, ppl_q = math.exp(nll_ref / n_pred), math.exp(nll_q / n_pred)
     return {"kl_mean": kl_sum / n_tok, "ppl_merged": ppl_ref, "ppl_quant": ppl_q,
             "ppl_delta": ppl_q - ppl_ref, "error_tokens": n_tok}
+
+
+def measure_error(merged_dir: str | Path, gptq_dir: str | Path, texts: list[str], max_len: int,
+                  trust_remote_code: bool = False) -> dict:
+    """Quantization error of `gptq_dir` against the float `merged_dir` on held-out texts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=trust_remote_code)
+    ref = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32,
+                                               trust_remote_code=trust_remote_code).eval()
+    quant = load_quantized(gptq_dir, trust_remote_code=trust_remote_code)
+    try:
+        return quantization_error(ref, quant, tokenizer, texts, max_len)
+    finally:
+        del ref, quant
+        gc.collect()

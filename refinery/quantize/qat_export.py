@@ -23,7 +23,9 @@ from refinery.core.config import ConfigError
 from refinery.core.manifest import atomic_path, dir_bytes
 from refinery.core.models import resolve_models
 from refinery.core.stage import Context, Result
+from refinery.quantize.calib import load_rows, split_texts
 from refinery.quantize.config import QuantizeConfig
+from refinery.quantize.load import measure_error
 from refinery.quantize.merge import merge_lora
 from refinery.quantize.shapes import in_layers, quantizable_widths, safetensors_bytes
 
@@ -164,8 +166,6 @@ def trained_student(distill: Path, student: str, out_dir: Path, dtype: str, trus
 
 def run(ctx: Context, cfg: QuantizeConfig) -> Result:
     """The quantize stage for quantize.method=qat_rtn: merged float student + the grid's GPTQ checkpoint."""
-    from refinery.quantize.gptq import load_rows, measure_error, split_texts
-
     distill = ctx.stage_dir("distill")
     spec = read_spec(distill)
     check_grid(cfg, spec)

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from refinery.train.muon import build_scheduler, split_params
+from refinery.train.optim import build_scheduler, split_params
 
 log = logging.getLogger("refinery.train")
 

@@ -15,13 +15,12 @@ from pathlib import Path
 from refinery.core.manifest import write_json
 from refinery.core.proc import pythonpath
 from refinery.core.rayctl import PrivateRay
+from refinery.train.worker import main
 
 log = logging.getLogger("refinery.train")
 
 
 def _worker(config: dict) -> None:
-    from refinery.train.worker import main
-
     os.chdir(config["cwd"])
     main(config["spec"])
 

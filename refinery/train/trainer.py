@@ -36,7 +36,7 @@ from refinery.train import dist
 from refinery.train.config import DistillConfig, hashed
 from refinery.train.data import collate, load_rows, sample_indices, tokenize_rows
 from refinery.train.dist import World
-from refinery.train.muon import build_optimizer, build_scheduler
+from refinery.train.optim import build_optimizer, build_scheduler
 from refinery.train.preempt import Preempted, StopFlag
 from refinery.train.teacher import Teacher
 
@@ -259,22 +259,6 @@ def _summary(rows: list[dict], s: Setup, cfg: DistillConfig, wall: float) -> dic
             "tokens_per_s": round(sum(r["tokens"] for r in rows) / max(train_s, 1e-9), 1),
             "s_per_step": round(train_s / len(rows), 3), "wall_s": round(wall, 1),
             "trainable_params": s.trainable, "optimizer": cfg.optim.name}
-
-
-def run(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) -> Result:
-    """The distill stage: train here, or start `distill.parallel.nproc` processes under torchrun."""
-    if cfg.parallel.strategy == "none" or dist.launched():
-        return train(ctx, cfg, stop_after=stop_after)
-    payload = {"run_dir": str(ctx.run_dir), "seed": ctx.seed, "models": to_dict(ctx.models),
-               "tasks": to_dict(ctx.tasks), "distill": to_dict(cfg), "stop_after": stop_after,
-               "dirs": {k: str(v) for k, v in ctx.dirs.items()}}
-    if cfg.parallel.launcher == "ray":
-        from refinery.train.ray_launch import launch_ray
-
-        got = launch_ray(payload, cfg.parallel, ctx.stage_dir("distill"))
-    else:
-        got = dist.launch(payload, cfg.parallel.nproc, ctx.stage_dir("distill"))
-    return Result(got["metrics"], got["outputs"])
 
 
 def train(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) -> Result:

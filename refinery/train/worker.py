@@ -16,6 +16,7 @@ from refinery.core.models import ModelsConfig
 from refinery.core.stage import Context
 from refinery.core.tasks import TasksConfig
 from refinery.train.config import DistillConfig
+from refinery.train.trainer import train
 
 
 def main(spec_path: str) -> int:
@@ -26,8 +27,6 @@ def main(spec_path: str) -> int:
     ctx = Context(Path(spec["run_dir"]), spec["seed"], build(ModelsConfig, spec["models"]),
                   build(TasksConfig, spec["tasks"]), {k: Path(v) for k, v in spec.get("dirs", {}).items()})
     cfg = build(DistillConfig, spec["distill"])
-    from refinery.train.trainer import train
-
     result = train(ctx, cfg, stop_after=spec.get("stop_after"))
     if rank == 0:
         write_json(ctx.stage_dir("distill") / "result.json", {"metrics": result.metrics, "outputs": result.outputs})

@@ -56,7 +56,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, tiny_teacher, tiny_student, write_train_data):
     """One uninterrupted N-step run: (config, result, metrics rows)."""
-    from refinery.train.trainer import run
+    from refinery.train.launch import run
 
     cfg, _ = _cfg(tmp_path_factory.mktemp("straight"), tiny_teacher, tiny_student, write_train_data)
     result = run(cfg.context(), cfg.distill)
@@ -102,7 +102,7 @@ def test_sigkill_and_stop_then_resume_give_the_same_loss_curve(straight, tmp_pat
                                                                write_train_data):
     """Killed mid-run (SIGKILL, real CLI in a subprocess), resumed up to a stop, resumed to the end."""
     from refinery.launch.stages import run_stage
-    from refinery.train.trainer import run
+    from refinery.train.launch import run
 
     cfg, cfg_path = _cfg(tmp_path, tiny_teacher, tiny_student, write_train_data)
     out = cfg.context().stage_dir("distill")
@@ -166,7 +166,7 @@ def test_sigterm_checkpoints_the_current_step_then_resume_continues(straight, tm
 
 
 def test_missing_data_names_the_fix(tmp_path, tiny_teacher, tiny_student):
-    from refinery.train.trainer import run
+    from refinery.train.launch import run
 
     cfg = load(None, [f"run_dir={tmp_path / 'run'}", f"models.teacher={tiny_teacher}",
                       f"models.student.path={tiny_student}"])

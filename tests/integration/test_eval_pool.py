@@ -73,8 +73,8 @@ def vllm_raw(pool, cfg, specs, tiny_teacher):
 
 
 def test_hf_and_vllm_workers_agree(pool, cfg, specs, tiny_teacher, vllm_raw):
-    from refinery.evals.evaluate import _task_scores, score_model
     from refinery.evals.loading import load_model
+    from refinery.evals.scores import score_model, task_scores
 
     specs_, tm = specs
     model, tok = load_model(tiny_teacher, dtype="float32")
@@ -87,7 +87,7 @@ def test_hf_and_vllm_workers_agree(pool, cfg, specs, tiny_teacher, vllm_raw):
     print(f"\nmax |ll_hf - ll_vllm| = {max(diffs):.2e} over {len(diffs)} continuations; choice agreement {same:.3f}")
     assert max(diffs) < LL_ATOL
     assert same >= AGREE_MIN
-    hf_t, vl_t = _task_scores(hf_raw, specs_), _task_scores(vllm_raw, specs_)
+    hf_t, vl_t = task_scores(hf_raw, specs_), task_scores(vllm_raw, specs_)
     for name in hf_t:
         assert abs(hf_t[name]["acc"] - vl_t[name]["acc"]) <= ACC_TOL, name
         assert vl_t[name]["n"] == LIMIT
@@ -268,9 +268,9 @@ def _perturbed_copy(src: str, dst, seed: int = 1) -> str:
 # last: it leaves the module's pool holding another model
 def test_same_architecture_checkpoint_is_swapped_into_the_running_engine(pool, cfg, specs, tiny_student, tmp_path):
     from refinery.evals.batch import score_with_pool
-    from refinery.evals.evaluate import score_model
     from refinery.evals.loading import load_model
     from refinery.evals.pool import engine_key
+    from refinery.evals.scores import score_model
 
     other = _perturbed_copy(tiny_student, tmp_path / "other")
     assert engine_key(other) == engine_key(tiny_student)

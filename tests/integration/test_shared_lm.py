@@ -26,7 +26,7 @@ def test_same_loglikelihoods_and_greedy_flags_as_hflm(tiny_teacher, tiny_tasks):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from refinery.evals.evaluate import score_model
+    from refinery.evals.scores import score_model
 
     specs, tm = tiny_tasks
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from refinery.train.config import OptimConfig
-from refinery.train.muon import Muon, build_optimizer, lr_lambda, newton_schulz, orthogonalize, split_params
+from refinery.train.muon import Muon, newton_schulz, orthogonalize
+from refinery.train.optim import build_optimizer, lr_lambda, split_params
 
 
 def _run_pair(shape, ours_kw, torch_kw, steps=6, seed=0):

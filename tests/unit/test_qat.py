@@ -105,7 +105,7 @@ def test_lora_forward_is_matmul_with_dequantized_sum():
 
 def test_frozen_projections_get_no_update():
     from refinery.train.config import OptimConfig
-    from refinery.train.muon import build_optimizer
+    from refinery.train.optim import build_optimizer
 
     freeze = ["o_proj", "v_proj"]
     targets = [p for p in qat.PROJECTIONS if p not in freeze]  # what the trainer gives LoRA under freeze

@@ -10,7 +10,8 @@ from refinery.core.config import ConfigError, InputError
 from refinery.core.manifest import write_jsonl
 from refinery.launch.config import load
 from refinery.quantize.config import QuantizeConfig
-from refinery.quantize.gptq import load_rows, quant_device, split_texts
+from refinery.quantize.calib import load_rows, split_texts
+from refinery.quantize.gptq import quant_device
 from refinery.quantize.merge import check_adapter
 from refinery.quantize.shapes import (check_group_size, in_layers, quantizable_widths, safetensors_bytes,
                                       valid_group_sizes)
