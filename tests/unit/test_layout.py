@@ -30,10 +30,10 @@ def import_graph() -> dict[str, set[str]]:
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (iterative Tarjan)."""
     index, low, stack, on, out, counter = {}, {}, [], set(), [], 0
-    for root in graph:
+    for root, deps in graph.items():
         if root in index:
             continue
-        work = [(root, iter(sorted(graph[root])))]
+        work = [(root, iter(sorted(deps)))]
         index[root] = low[root] = counter
         counter += 1
         stack.append(root)
