@@ -16,17 +16,14 @@ out, workers, latency)`.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 from refinery.core.manifest import dir_bytes, write_json, write_jsonl
 from refinery.core.manifest import write_csv as write_csv_rows
-from refinery.core.proc import setup_logging
 from refinery.evals.lmeval_tasks import (
     TaskSpec,
     build_tasks,
@@ -77,7 +74,6 @@ def task_specs(cfg, tasks_dir: Path) -> tuple[list[TaskSpec], object]:
 def _key(cfg, path: str, specs: list[TaskSpec], latency: bool) -> str:
     """What a stored result depends on: the model, the tasks and items, and the measuring settings."""
     from refinery.core.config import to_dict
-
     from refinery.core.tasks import task_digests
 
     data = task_digests(cfg.tasks) if cfg.evaluate.task_set != "standard" else {}
@@ -273,41 +269,3 @@ def table(results: dict) -> str:
                   f"{mem['weight_bytes'] / 1e6:.1f}" if mem.get("weight_bytes") else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Dotted overrides (key=value, not an option) apart from the rest (model paths have no '=')."""
-    over = [a for a in argv if "=" in a and not a.startswith("-")]
-    return [a for a in argv if a not in over], over
-
-
-def main(argv: list[str]) -> int:
-    """`refinery evaluate CONFIG --models P [P ...] --out DIR [--workers N] [--latency|--no-latency] [k=v ...]`."""
-    from refinery.core.config import ConfigError
-    from refinery.launch.config import (
-        load,  # the CLI hands us CONFIG: load it as `refinery` does
-    )
-
-    rest, overrides = _split_argv(argv)
-    p = argparse.ArgumentParser(prog="refinery evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("config")
-    p.add_argument("--models", nargs="+", required=True,
-                   help=f"HF model dirs (float or GPTQ) and/or run models ({', '.join(RUN_MODELS)})")
-    p.add_argument("--out", required=True, help="output dir: <out>/<name>/results.json, <out>/evaluate.csv")
-    p.add_argument("--workers", type=int, default=None, help="pool size (default: evaluate.workers; 1 on CPU)")
-    p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
-                   help="measure latency and memory (default: evaluate.latency.enabled)")
-    args = p.parse_args(rest)
-    setup_logging()
-    try:
-        cfg = load(args.config, overrides)
-        models = resolve_models(cfg, args.models)
-        latency = cfg.evaluate.latency.enabled if args.latency is None else args.latency
-        out = Path(args.out)
-        results = evaluate_many(cfg, models, out, args.workers, latency)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"refinery evaluate: {e}", file=sys.stderr)
-        return 2
-    print(table(results))
-    print(f"\nresults: {out}/<model>/results.json, {out}/evaluate.csv")
-    return 0

@@ -180,7 +180,8 @@ def main(argv: list[str]) -> int:
     args = parse_with_overrides(parser, argv)  # overrides may also follow the options
     setup_logging()
     from refinery.launch.config import load
-    from refinery.quantize.batch import split_overrides, sweep_sources
+    from refinery.launch.many_cli import split_overrides
+    from refinery.quantize.batch import sweep_sources
 
     try:
         cfg = load(args.config, split_overrides(args))

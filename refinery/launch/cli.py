@@ -66,21 +66,21 @@ def main(argv: list[str] | None = None) -> int:
 
         return sweep_main(argv[1:])
     if argv[:2] == ["cluster", "slurm"]:  # its own parser
-        from refinery.cluster.slurm import main as slurm_main
+        from refinery.launch.slurm_cli import main as slurm_main
 
         return slurm_main(argv[2:])
     if argv[:1] == ["quantize"] and ({"--checkpoints", "--sweep"} & set(argv)):  # batched: its own parser
-        from refinery.quantize.batch import main as batch_quantize_main
+        from refinery.launch.many_cli import quantize_main
 
-        return batch_quantize_main(argv[1:])
+        return quantize_main(argv[1:])
     if argv[:1] == ["batch"]:  # quantize + evaluate many checkpoints: its own parser
         from refinery.launch.batch import main as batch_main
 
         return batch_main(argv[1:])
     if argv[:1] == ["evaluate"] and "--models" in argv:  # evaluation workers: its own parser
-        from refinery.evals.batch import main as batch_evaluate_main
+        from refinery.launch.many_cli import evaluate_main
 
-        return batch_evaluate_main(argv[1:])
+        return evaluate_main(argv[1:])
     parser = _parser()
     args = parse_with_overrides(parser, argv)  # overrides may also follow the options
     setup_logging()

@@ -1,7 +1,5 @@
 """Quantize many checkpoints in one job: one Ray actor per device, calibration data tokenized once.
-
-    refinery quantize CONFIG --checkpoints P [P ...] --out DIR [--workers N] [--method gptq|rtn] [overrides]
-    refinery quantize CONFIG --sweep SWEEP_DIR --out DIR [quantize.bits=3 quantize.group_size=32 ...]
+(The command, `refinery quantize CONFIG --checkpoints P ... | --sweep DIR --out DIR`: launch/many_cli.py.)
 
 A checkpoint is a run dir (`<run>/distill/adapter/`), a distill stage dir (`adapter/`), an adapter
 dir, or a float HF model dir (config.json + *.safetensors, e.g. `<run>/quantize/merged`); `--sweep`
@@ -37,19 +35,21 @@ needs room for one layer and its activations, not the model.
 """
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import logging
 import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from refinery.core.config import ConfigError, UserError, config_hash, parse_with_overrides, to_dict
+from refinery.core.config import (
+    ConfigError,
+    config_hash,
+    to_dict,
+)
 from refinery.core.manifest import (
     atomic_path,
     dir_bytes,
@@ -58,7 +58,7 @@ from refinery.core.manifest import (
     write_csv,
     write_manifest,
 )
-from refinery.core.proc import pythonpath, setup_logging
+from refinery.core.proc import pythonpath
 from refinery.core.rayctl import PrivateRay, default_workers
 from refinery.core.weights import check_weights
 from refinery.quantize.config import QuantizeConfig
@@ -397,51 +397,3 @@ def format_table(records: list[dict]) -> str:
                      f"{r['bytes_before'] / 1e6:>10.1f} {r['bytes_after'] / 1e6:>9.1f} {r['ratio']:>6.2f} "
                      f"{e['kl_mean']:>8.4f} {e['ppl_merged']:>10.2f} {e['ppl_quant']:>10.2f}")
     return "\n".join(lines)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="refinery quantize", description="Quantize many checkpoints in one job.")
-    p.add_argument("config", help="pipeline YAML (models, quantize section, seed), e.g. configs/quickstart.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. quantize.bits=3 (or bits=3)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoints", nargs="+", metavar="P",
-                     help="run dirs, distill dirs, adapter or float model dirs")
-    src.add_argument("--sweep", type=Path, help="a sweep dir: every run with a finished distill stage")
-    p.add_argument("--out", type=Path, required=True, help="output dir: <out>/<name>/ per checkpoint, quantize.csv")
-    p.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU; 1 on CPU)")
-    p.add_argument("--method", choices=METHODS, default=None, help="gptq or rtn (default: the config's)")
-    p.add_argument("--data", type=Path, default=None, help="generate/data.jsonl for calibration and error rows")
-    return p
-
-
-def split_overrides(args) -> list[str]:
-    """Overrides typed after --checkpoints land in its list; `bits=3` is short for `quantize.bits=3`."""
-    from dataclasses import fields
-
-    from refinery.launch.config import PipelineConfig
-
-    over = list(args.overrides)
-    if args.checkpoints:
-        over += [c for c in args.checkpoints if "=" in c and not Path(c).exists()]
-        args.checkpoints = [c for c in args.checkpoints if c not in over]
-    top = {f.name for f in fields(PipelineConfig)}
-    quant = {f.name for f in fields(QuantizeConfig)}
-    return [f"quantize.{o}" if o.split("=", 1)[0].split(".")[0] in quant - top else o for o in over]
-
-
-def main(argv: list[str]) -> int:
-    parser = _parser()
-    args = parse_with_overrides(parser, argv)  # overrides may also follow the options
-    setup_logging()
-    from refinery.launch.config import load
-
-    try:
-        cfg = load(args.config, split_overrides(args))
-        sources = sweep_sources(args.sweep) if args.sweep else args.checkpoints
-        records = quantize_many(cfg, sources, args.out, args.workers, args.method, args.data, args.sweep)
-    except (UserError, FileNotFoundError) as e:
-        print(f"refinery quantize: {e}", file=sys.stderr)
-        return 2
-    print("\n" + format_table(records))
-    print(f"\noutputs: {args.out}/<name>/gptq  (summary: {args.out / 'quantize.csv'})")
-    return 1 if any(r["status"] == "failed" for r in records) else 0

@@ -24,7 +24,6 @@ import pytest
 from refinery.cluster.slurm import (
     SlurmConfig,
     SlurmError,
-    main,
     parse_scontrol,
     sbatch_script,
     status,
@@ -32,6 +31,7 @@ from refinery.cluster.slurm import (
     time_limit_s,
 )
 from refinery.core.config import ConfigError, build
+from refinery.launch.slurm_cli import main
 
 # The driver stand-in: counts once per second into progress.txt; on SIGTERM/SIGUSR1 it saves the
 # count and exits 128+signal (as refinery's training does); on start it resumes from the save.

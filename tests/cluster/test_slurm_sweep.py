@@ -13,8 +13,9 @@ import pytest
 import yaml
 from test_slurm import free_port, job_info, jobs, start_now, wait_for  # noqa: F401  (jobs: the fixture)
 
-from refinery.cluster.slurm import main, status
+from refinery.cluster.slurm import status
 from refinery.core.manifest import read_jsonl
+from refinery.launch.slurm_cli import main
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -106,7 +106,7 @@ def test_two_checkpoints_one_job_load_with_sane_manifests(batch):
 
 
 def test_rerun_skips_complete_and_redoes_killed_output(batch, tiny_teacher, tiny_student, capsys):
-    from refinery.quantize.batch import main
+    from refinery.launch.many_cli import quantize_main as main
 
     alpha_manifest = batch.out / "alpha" / "manifest.json"
     alpha_mtime = alpha_manifest.stat().st_mtime_ns
@@ -156,7 +156,8 @@ def test_rtn_loads_differs_from_gptq_both_close_to_float(batch):
 
 
 def test_bad_inputs_fail_before_any_work(sources, tmp_path):
-    from refinery.quantize.batch import main, quantize_many, sweep_sources
+    from refinery.launch.many_cli import quantize_main as main
+    from refinery.quantize.batch import quantize_many, sweep_sources
 
     out = tmp_path / "out"
     empty = tmp_path / "empty"

@@ -152,7 +152,8 @@ def test_evaluate_many_writes_results_and_cli_skips_done_models(pool, cfg, tiny_
     import yaml
 
     from refinery.core.config import to_dict
-    from refinery.evals.batch import evaluate_many, main, resolve_models
+    from refinery.evals.batch import evaluate_many, resolve_models
+    from refinery.launch.many_cli import evaluate_main as main
 
     (name,) = resolve_models(cfg, [tiny_teacher])  # named after its dir
     models = {name: tiny_teacher, "same-path": tiny_teacher}
@@ -226,7 +227,8 @@ def test_evaluate_stage_with_vllm_backend_and_report(cfg, pool, tmp_path):
 
 
 def test_bad_inputs_name_the_problem(cfg, tmp_path, capsys):
-    from refinery.evals.batch import evaluate_many, main, resolve_models
+    from refinery.evals.batch import evaluate_many, resolve_models
+    from refinery.launch.many_cli import evaluate_main as main
 
     missing = str(tmp_path / "no-such-model")
     with pytest.raises(FileNotFoundError, match=r"no-such-model.*does not exist.*HF model dir"):

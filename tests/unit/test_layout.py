@@ -76,3 +76,26 @@ def test_no_import_cycles():
 def test_the_cycle_check_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+FLOW = ("core", "distill", "train", "quantize", "evals", "cluster", "launch")
+# Left to issue 14: the sweep loads the pipeline config, which lives in launch/ (it holds every section).
+AGAINST_FLOW_LEFT = {("refinery.cluster.sweep", "refinery.launch.config"),
+                     ("refinery.cluster.sweep_config", "refinery.launch.config")}
+
+
+def _package(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in FLOW else None
+
+
+def test_packages_import_only_earlier_ones():
+    wrong = sorted((m, d) for m, deps in import_graph().items() for d in deps
+                   if _package(m) and _package(d) and FLOW.index(_package(d)) > FLOW.index(_package(m)))
+    assert set(wrong) <= AGAINST_FLOW_LEFT, f"imports against {' -> '.join(FLOW)}: {sorted(set(wrong) - AGAINST_FLOW_LEFT)}"
+
+
+def test_no_module_over_400_lines():
+    long = {str(f.relative_to(ROOT.parent)): n for f in ROOT.rglob("*.py")
+            if (n := len(f.read_text().splitlines())) > 400}
+    assert not long, f"modules over 400 lines (split them): {long}"
