@@ -1,10 +1,11 @@
-"""The `distill` stage: LoRA student trained on the frozen teacher's softened logits.
+"""Training of the `distill` stage (in each process; starting them: train/launch.py): the LoRA
+student trained on the frozen teacher's softened logits.
 
     refinery distill configs/quickstart.yaml [distill.steps=50 ...]
 
 setup (data, models, optimizer) -> resume from the newest checkpoint -> train (checkpoint
 every `checkpoint_every` steps, metrics.jsonl row per step) -> save the adapter. Killed or
-preempted runs call the same `run` again and continue on the same loss curve.
+preempted runs call the same stage again and continue on the same loss curve.
 """
 from __future__ import annotations
 
