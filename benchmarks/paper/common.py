@@ -1,6 +1,11 @@
 """Shared pieces of the paper reproduction (issue 7): arms, run helpers, per-item statistics.
 
-Every run lives under `runs/paper/` (ROOT): `shared/generate` (the teacher's data, made once),
+Two settings, chosen by the environment variable REFINERY_PAPER (default `quickstart`):
+`quickstart` (configs/quickstart.yaml, SmolLM2-135M teacher, under runs/paper/) and `qwen`
+(configs/qwen.yaml, Qwen2.5-Coder 1.5B -> 0.5B, under runs/paper-qwen/; issue 12).
+REFINERY_PAPER_ROOT moves the root (e.g. into the cache, to keep runs across checkouts).
+
+Every run lives under ROOT: `shared/generate` (the teacher's data, made once),
 `<arm>-s<seed>/` (distill + quantize of one arm and seed, a normal run dir), `gptq-only/<seed>/`
 (GPTQ of the undistilled student), `eval/<model>/` (scores from the vLLM evaluation workers),
 `walls.jsonl` (every command with its wall time).
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -16,9 +22,25 @@ import time
 from functools import cache
 from pathlib import Path
 
-CONFIG = "configs/quickstart.yaml"
-ROOT = Path("runs/paper")
+def _bf16_cpu() -> bool:
+    """Native bf16 (AVX512-BF16 or AMX) on this CPU: bf16 is then ~2.6x faster than fp32 for the 0.5B;
+    on AVX2-only CPUs it is emulated and 6-7x slower (NOTES.md, "Qwen setting")."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+SETTING = os.environ.get("REFINERY_PAPER", "quickstart")
+if SETTING not in ("quickstart", "qwen"):
+    raise SystemExit(f"REFINERY_PAPER={SETTING!r}: use quickstart or qwen")
+CONFIG = {"quickstart": "configs/quickstart.yaml", "qwen": "configs/qwen.yaml"}[SETTING]
+ROOT = Path(os.environ.get("REFINERY_PAPER_ROOT") or {"quickstart": "runs/paper", "qwen": "runs/paper-qwen"}[SETTING])
 SEEDS = (0, 1, 2)
+# overrides on CONFIG for every command of the setting (the machine's fast dtype for the Qwen models)
+BASE = ([f"{s}.dtype=bfloat16" for s in ("generate", "teacher_logits", "distill")]
+        if SETTING == "qwen" and _bf16_cpu() else [])
 
 # arm -> dotted overrides on configs/quickstart.yaml (Muon lr 0.02, forward KL, alpha 1, T 2);
 # adamw's learning rate comes from `run.py pilot` (see adamw_lr)
@@ -49,17 +71,34 @@ def cli(args: list[str], log_name: str) -> float:
     return wall
 
 
+# stages made once under ROOT/shared and linked into every arm's run dir: the teacher's data, and
+# for a top-k setting the teacher's logits over it (same data and teacher for every arm and seed)
+SHARED = {"quickstart": ("generate",), "qwen": ("generate", "teacher-logits")}[SETTING]
+
+
 def shared_generate(src: Path | None) -> Path:
-    """`ROOT/shared/generate`: copied from a finished run's generate/ (same config and seed 0), or made."""
+    """`ROOT/shared/generate`: copied from a finished run's generate/ (same config and seed 0), or made;
+    then the other SHARED stages over it."""
     gen = ROOT / "shared" / "generate"
-    if (gen / "manifest.json").is_file():
-        return gen
-    if src is not None:
-        shutil.copytree(Path(src) / "generate" if (Path(src) / "generate").is_dir() else Path(src), gen,
-                        dirs_exist_ok=True)
-    else:
-        cli(["generate", CONFIG, f"run_dir={ROOT / 'shared'}", "seed=0"], "generate")
+    if not (gen / "manifest.json").is_file():
+        if src is not None:
+            shutil.copytree(Path(src) / "generate" if (Path(src) / "generate").is_dir() else Path(src), gen,
+                            dirs_exist_ok=True)
+        else:
+            cli(["generate", CONFIG, f"run_dir={ROOT / 'shared'}", "seed=0", *BASE], "generate")
+    for stage in SHARED[1:]:
+        if not (ROOT / "shared" / stage.replace("-", "_") / "manifest.json").is_file():
+            cli([stage, CONFIG, f"run_dir={ROOT / 'shared'}", "seed=0", *BASE], stage)
     return gen
+
+
+def link_shared(d: Path) -> None:
+    """Point run dir `d`'s SHARED stage dirs at ROOT/shared's."""
+    d.mkdir(parents=True, exist_ok=True)
+    for stage in SHARED:
+        name = stage.replace("-", "_")
+        if not (d / name).exists():
+            (d / name).symlink_to((ROOT / "shared" / name).resolve(), target_is_directory=True)
 
 
 def adamw_lr() -> float:
@@ -72,7 +111,7 @@ def adamw_lr() -> float:
 
 
 def arm_overrides(arm: str) -> list[str]:
-    return ARMS[arm] + ([f"distill.optim.lr={adamw_lr()}"] if arm == "adamw" else [])
+    return BASE + ARMS[arm] + ([f"distill.optim.lr={adamw_lr()}"] if arm == "adamw" else [])
 
 
 def run_dir(arm: str, seed: int) -> Path:
@@ -82,10 +121,9 @@ def run_dir(arm: str, seed: int) -> Path:
 def train(arm: str, seed: int, stages: str = "distill,quantize", extra: list[str] = ()) -> Path:
     """Distill and quantize one arm and seed on the shared data (finished stages are skipped)."""
     d = run_dir(arm, seed)
-    d.mkdir(parents=True, exist_ok=True)
-    if not (d / "generate").exists():
-        (d / "generate").symlink_to((ROOT / "shared" / "generate").resolve(), target_is_directory=True)
-    cli(["run", CONFIG, f"run_dir={d}", f"seed={seed}", *arm_overrides(arm), *extra, "--stages", stages, "--reuse", "generate"],
+    link_shared(d)
+    cli(["run", CONFIG, f"run_dir={d}", f"seed={seed}", *arm_overrides(arm), *extra, "--stages", stages,
+         "--reuse", ",".join(SHARED)],
         f"{arm}-s{seed} {stages}")
     return d
 
@@ -95,14 +133,14 @@ def base_student() -> str:
     from refinery.core.models import resolve_models
     from refinery.launch.config import load
 
-    return resolve_models(load(CONFIG, []).models)[1]
+    return resolve_models(load(CONFIG, BASE).models)[1]
 
 
 def gptq_only(seed: int) -> Path:
     """GPTQ of the undistilled student with the pipeline's quantize settings and calibration data."""
     out = ROOT / "gptq-only" / f"s{seed}"
     if not (out / "quantize.csv").is_file():
-        cli(["quantize", CONFIG, f"seed={seed}", "--checkpoints", base_student(), "--out", str(out),
+        cli(["quantize", CONFIG, f"seed={seed}", *BASE, "--checkpoints", base_student(), "--out", str(out),
              "--data", str(ROOT / "shared" / "generate" / "data.jsonl")], f"gptq-only-s{seed}")
     (name,) = [p for p in out.iterdir() if (p / "gptq" / "config.json").is_file()]
     return name / "gptq"

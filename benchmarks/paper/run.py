@@ -10,7 +10,7 @@
     python benchmarks/paper/report.py            # benchmarks/paper/REPORT.md and its plots
 
 Runs `refinery` stages as separate processes on configs/quickstart.yaml (SmolLM2-135M-Instruct
-teacher, 12-layer student) with the data of one generate run shared by every arm and seed; see
+teacher, 12-layer student; REFINERY_PAPER=qwen: configs/qwen.yaml, see common.py) with the data of one generate run shared by every arm and seed; see
 common.py for the layout under runs/paper/.
 """
 from __future__ import annotations
@@ -43,11 +43,10 @@ def pilot() -> None:
     rows = []
     for lr in PILOT_LRS:
         d = ROOT / f"pilot-adamw-{lr:g}"
-        d.mkdir(parents=True, exist_ok=True)
-        if not (d / "generate").exists():
-            (d / "generate").symlink_to((ROOT / "shared" / "generate").resolve(), target_is_directory=True)
-        common.cli(["run", common.CONFIG, f"run_dir={d}", "seed=0", "distill.optim.name=adamw",
-                    f"distill.optim.lr={lr}", "--stages", "distill"], f"pilot adamw lr={lr:g}")
+        common.link_shared(d)
+        common.cli(["run", common.CONFIG, f"run_dir={d}", "seed=0", *common.BASE, "distill.optim.name=adamw",
+                    f"distill.optim.lr={lr}", "--stages", "distill", "--reuse", ",".join(common.SHARED)],
+                   f"pilot adamw lr={lr:g}")
         rows.append({"lr": lr, "final_loss": final_loss(d)})
     rows.append({"lr": "muon 0.02 (muon-s0)", "final_loss": final_loss(common.run_dir("muon", 0))
                  if (common.run_dir("muon", 0) / "distill" / "metrics.jsonl").is_file() else None})
@@ -61,7 +60,7 @@ def models_to_score() -> dict[str, str]:
     from refinery.core.models import resolve_models
     from refinery.launch.config import load
 
-    teacher, base = resolve_models(load(common.CONFIG, []).models)
+    teacher, base = resolve_models(load(common.CONFIG, common.BASE).models)
     out = {"teacher": teacher, "student_base": base}
     fp, w4 = {}, {}  # grouped by architecture, so the workers swap weights into one engine (refinery.evals.pool)
     for seed in SEEDS:
@@ -81,7 +80,7 @@ def evaluate() -> None:
     from refinery.evals.batch import evaluate_many, table
     from refinery.launch.config import load
 
-    cfg = load(common.CONFIG, [])
+    cfg = load(common.CONFIG, common.BASE)
     t0 = time.time()
     res = evaluate_many(cfg, models_to_score(), ROOT / "eval", workers=None, latency=False)
     print(table(res))
@@ -106,7 +105,7 @@ def outlier_texts(per_task: int = 20) -> list[str]:
     from refinery.evals.lmeval_tasks import held_out_docs
     from refinery.launch.config import load
 
-    cfg = load(common.CONFIG, [])
+    cfg = load(common.CONFIG, common.BASE)
     texts = []
     for name in cfg.tasks.names:
         for d in held_out_docs(load_task(cfg.tasks, name), per_task):
@@ -147,7 +146,7 @@ def main() -> None:
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     a = p.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4" if common.SETTING == "qwen" else "1")
     common.shared_generate(a.src)
     steps = ["pilot", "train", "gptq-only", "evaluate", "latency", "outliers"] if a.step == "all" else [a.step]
     for step in steps:
