@@ -87,7 +87,7 @@ def shared_generate(src: Path | None) -> Path:
         else:
             cli(["generate", CONFIG, f"run_dir={ROOT / 'shared'}", "seed=0", *BASE], "generate")
     for stage in SHARED[1:]:
-        if not (ROOT / "shared" / stage.replace("-", "_") / "manifest.json").is_file():
+        if not (ROOT / "shared" / stage / "manifest.json").is_file():
             cli([stage, CONFIG, f"run_dir={ROOT / 'shared'}", "seed=0", *BASE], stage)
     return gen
 
@@ -95,10 +95,9 @@ def shared_generate(src: Path | None) -> Path:
 def link_shared(d: Path) -> None:
     """Point run dir `d`'s SHARED stage dirs at ROOT/shared's."""
     d.mkdir(parents=True, exist_ok=True)
-    for stage in SHARED:
-        name = stage.replace("-", "_")
-        if not (d / name).exists():
-            (d / name).symlink_to((ROOT / "shared" / name).resolve(), target_is_directory=True)
+    for stage in SHARED:  # a stage's dir is named as the stage
+        if not (d / stage).exists():
+            (d / stage).symlink_to((ROOT / "shared" / stage).resolve(), target_is_directory=True)
 
 
 def adamw_lr() -> float:
