@@ -100,17 +100,30 @@ def link_shared(d: Path) -> None:
             (d / stage).symlink_to((ROOT / "shared" / stage).resolve(), target_is_directory=True)
 
 
-def adamw_lr() -> float:
-    """AdamW's LoRA learning rate: the pilot's lowest final training loss (never the eval items)."""
-    pilot = ROOT / "pilot.json"
+PILOT_FILE = {"adamw": "pilot.json", "muon": "pilot-muon.json"}
+
+
+def piloted_lr(optim: str) -> float | None:
+    """The optimizer's LoRA learning rate from `run.py pilot`: the lowest final training loss (never
+    the eval items); None when not piloted."""
+    pilot = ROOT / PILOT_FILE[optim]
     if not pilot.is_file():
-        raise SystemExit("the adamw arm needs AdamW's learning rate: run `python benchmarks/paper/run.py pilot` first")
+        return None
     rows = [r for r in json.loads(pilot.read_text()) if isinstance(r["lr"], float)]
     return min(rows, key=lambda r: r["final_loss"])["lr"]
 
 
+def adamw_lr() -> float:
+    lr = piloted_lr("adamw")
+    if lr is None:
+        raise SystemExit("the adamw arm needs AdamW's learning rate: run `python benchmarks/paper/run.py pilot` first")
+    return lr
+
+
 def arm_overrides(arm: str) -> list[str]:
-    return BASE + ARMS[arm] + ([f"distill.optim.lr={adamw_lr()}"] if arm == "adamw" else [])
+    """Every arm but adamw is Muon: at its piloted lr when `run.py pilot --optim muon` ran, else the config's."""
+    lr = adamw_lr() if arm == "adamw" else piloted_lr("muon")
+    return BASE + ARMS[arm] + ([f"distill.optim.lr={lr}"] if lr is not None else [])
 
 
 def run_dir(arm: str, seed: int) -> Path:

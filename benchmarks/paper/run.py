@@ -2,6 +2,7 @@
 
     python benchmarks/paper/run.py all --from runs/quickstart   # everything below, in order (~3 h, 2 cores)
     python benchmarks/paper/run.py pilot         # AdamW learning rate for LoRA, by training loss (seed 0)
+    python benchmarks/paper/run.py pilot --optim muon   # Muon's too (used by the muon arm once piloted)
     python benchmarks/paper/run.py train --arms muon adamw --seeds 0 1 2
     python benchmarks/paper/run.py gptq-only     # GPTQ of the undistilled student, per seed
     python benchmarks/paper/run.py evaluate      # every model under runs/paper, one pool of vLLM workers
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 from common import ARMS, ROOT, SEEDS
 
-PILOT_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+PILOT_LRS = {"adamw": (3e-4, 1e-3, 3e-3, 1e-2), "muon": (1e-3, 3e-3, 1e-2)}
 MAIN_ARMS = ("muon", "adamw")  # experiments 1, 2, 5: float and 4-bit scored
 ABLATION = ("fkl-a0.5", "rkl", "rkl-a0.5", "jsd", "jsd-a0.5")  # experiment 4 (with muon = fkl, alpha 1)
 
@@ -37,20 +38,22 @@ def final_loss(run: Path, last: int = 10) -> float:
     return sum(losses[-last:]) / len(losses[-last:])
 
 
-def pilot() -> None:
-    """AdamW at three learning rates, seed 0, distill only; the lowest mean loss of the last 10 steps wins.
-    Chosen on the training objective, never on the evaluation items."""
+def pilot(optim: str = "adamw") -> None:
+    """`optim` at each of PILOT_LRS[optim], seed 0, distill only; the lowest mean loss of the last 10
+    steps wins (ROOT/pilot.json for adamw, ROOT/pilot-muon.json). Chosen on the training objective,
+    never on the evaluation items."""
     rows = []
-    for lr in PILOT_LRS:
-        d = ROOT / f"pilot-adamw-{lr:g}"
+    for lr in PILOT_LRS[optim]:
+        d = ROOT / f"pilot-{optim}-{lr:g}"
         common.link_shared(d)
-        common.cli(["run", common.CONFIG, f"run_dir={d}", "seed=0", *common.BASE, "distill.optim.name=adamw",
+        common.cli(["run", common.CONFIG, f"run_dir={d}", "seed=0", *common.BASE, f"distill.optim.name={optim}",
                     f"distill.optim.lr={lr}", "--stages", "distill", "--reuse", ",".join(common.SHARED)],
-                   f"pilot adamw lr={lr:g}")
+                   f"pilot {optim} lr={lr:g}")
         rows.append({"lr": lr, "final_loss": final_loss(d)})
-    rows.append({"lr": "muon 0.02 (muon-s0)", "final_loss": final_loss(common.run_dir("muon", 0))
-                 if (common.run_dir("muon", 0) / "distill" / "metrics.jsonl").is_file() else None})
-    (ROOT / "pilot.json").write_text(json.dumps(rows, indent=1))
+    if optim == "adamw":
+        rows.append({"lr": "muon 0.02 (muon-s0)", "final_loss": final_loss(common.run_dir("muon", 0))
+                     if (common.run_dir("muon", 0) / "distill" / "metrics.jsonl").is_file() else None})
+    (ROOT / common.PILOT_FILE[optim]).write_text(json.dumps(rows, indent=1))
     for r in rows:
         print(r)
 
@@ -145,13 +148,14 @@ def main() -> None:
                    help="a finished run (or its generate/ dir) of configs/quickstart.yaml to take the data from")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    p.add_argument("--optim", choices=list(PILOT_LRS), default="adamw", help="pilot: which optimizer's lr")
     a = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4" if common.SETTING == "qwen" else "1")
     common.shared_generate(a.src)
     steps = ["pilot", "train", "gptq-only", "evaluate", "latency", "outliers"] if a.step == "all" else [a.step]
     for step in steps:
         if step == "pilot":
-            pilot()
+            pilot(a.optim)
         elif step == "train":
             for seed in a.seeds:  # seed-major: every arm has seed 0 before any has seed 1
                 for arm in a.arms:
