@@ -22,6 +22,7 @@ import time
 from functools import cache
 from pathlib import Path
 
+
 def _bf16_cpu() -> bool:
     """Native bf16 (AVX512-BF16 or AMX) on this CPU: bf16 is then ~2.6x faster than fp32 for the 0.5B;
     on AVX2-only CPUs it is emulated and 6-7x slower (NOTES.md, "Qwen setting")."""
