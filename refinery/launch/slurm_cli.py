@@ -1,4 +1,4 @@
-"""`refinery cluster slurm SWEEP_CONFIG [overrides] [options]`: the parser and main (the batch
+"""`refinery cluster slurm SWEEP_CONFIG [overrides] [options]`: its options and what it runs (the batch
 script, submission and job status: refinery/cluster/slurm.py)."""
 from __future__ import annotations
 
@@ -8,13 +8,11 @@ from pathlib import Path
 
 from refinery.cluster.slurm import SlurmConfig, SlurmError, sbatch_script, submit
 from refinery.cluster.sweep_config import load_sweep
-from refinery.core.config import ConfigError, build, parse_with_overrides
+from refinery.core.config import ConfigError, build
 
 
-def _parser() -> argparse.ArgumentParser:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     d = SlurmConfig()
-    p = argparse.ArgumentParser(prog="refinery cluster slurm",
-                                description="Submit `refinery sweep SWEEP_CONFIG` as a Slurm batch job with Ray.")
     p.add_argument("sweep_config", help="the sweep's YAML (its sweep_dir gets slurm/job.sbatch, jobs.json, logs)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the sweep config, passed on to `refinery sweep`")
     p.add_argument("--nodes", type=int, default=d.nodes)
@@ -36,13 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-head-arg", action="append", default=[], metavar="OPTION",
                    help="extra `ray start --head` option, repeatable (e.g. --ray-head-arg=--temp-dir=/scratch/ray)")
     p.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(args) -> int:
     """`refinery cluster slurm SWEEP_CONFIG [overrides] [options]`: submit the sweep driver; print the job id."""
-    parser = _parser()
-    args = parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)  # overrides may follow options
     overrides = args.overrides
     config = Path(args.sweep_config).absolute()
     try:
@@ -70,6 +65,3 @@ def main(argv: list[str] | None = None) -> int:
           f"log: {log_dir}/{cfg.job_name}-{job_id}.out   status: scontrol show job {job_id}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

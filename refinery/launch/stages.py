@@ -6,8 +6,8 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
-from refinery.core.config import config_hash, to_dict
 from refinery.core import staging
+from refinery.core.config import config_hash, to_dict
 from refinery.core.manifest import is_complete, manifest_hash, write_manifest
 
 log = logging.getLogger("refinery")

@@ -1,5 +1,6 @@
 """Quantize many checkpoints in one job: one Ray actor per device, calibration data tokenized once.
-(The command, `refinery quantize CONFIG --checkpoints P ... | --sweep DIR --out DIR`: launch/many_cli.py.)
+(The command, `refinery quantize CONFIG --checkpoints P ... | --sweep DIR --out DIR`: options of the quantize
+subcommand, launch/cli.py and launch/many_cli.py.)
 
 A checkpoint is a run dir (`<run>/distill/adapter/`), a distill stage dir (`adapter/`), an adapter
 dir, or a float HF model dir (config.json + *.safetensors, e.g. `<run>/quantize/merged`); `--sweep`

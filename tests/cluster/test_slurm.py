@@ -31,7 +31,12 @@ from refinery.cluster.slurm import (
     time_limit_s,
 )
 from refinery.core.config import ConfigError, build
-from refinery.launch.slurm_cli import main
+from refinery.launch.cli import main as cli_main
+
+
+def main(argv):
+    return cli_main(["cluster", "slurm", *argv])
+
 
 # The driver stand-in: counts once per second into progress.txt; on SIGTERM/SIGUSR1 it saves the
 # count and exits 128+signal (as refinery's training does); on start it resumes from the save.

@@ -15,7 +15,11 @@ from test_slurm import free_port, job_info, jobs, start_now, wait_for  # noqa: F
 
 from refinery.cluster.slurm import status
 from refinery.core.manifest import read_jsonl
-from refinery.launch.slurm_cli import main
+from refinery.launch.cli import main as cli_main
+
+
+def main(argv):
+    return cli_main(["cluster", "slurm", *argv])
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,12 @@ import json
 
 import pytest
 
-from refinery.launch.batch import main
+from refinery.launch.cli import main as cli_main
+
+
+def main(argv):
+    return cli_main(["batch", *argv])
+
 
 SMALL = ["quantize.calibration_samples=8", "quantize.calibration_max_len=64", "quantize.error_samples=4"]
 

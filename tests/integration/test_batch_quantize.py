@@ -106,7 +106,7 @@ def test_two_checkpoints_one_job_load_with_sane_manifests(batch):
 
 
 def test_rerun_skips_complete_and_redoes_killed_output(batch, tiny_teacher, tiny_student, capsys):
-    from refinery.launch.many_cli import quantize_main as main
+    from refinery.launch.cli import main
 
     alpha_manifest = batch.out / "alpha" / "manifest.json"
     alpha_mtime = alpha_manifest.stat().st_mtime_ns
@@ -117,7 +117,7 @@ def test_rerun_skips_complete_and_redoes_killed_output(batch, tiny_teacher, tiny
     (leftover / "beta" / "gptq" / "model.safetensors").write_bytes(b"partial")
     config = batch.root / "cfg.yaml"
     config.write_text(f"models:\n  teacher: {tiny_teacher}\n  student:\n    path: {tiny_student}\n")
-    code = main([str(config), "--checkpoints", *map(str, batch.runs), "--out", str(batch.out), "--workers", "1",
+    code = main(["quantize", str(config), "--checkpoints", *map(str, batch.runs), "--out", str(batch.out), "--workers", "1",
                  "calibration_samples=8", "quantize.calibration_max_len=64", "quantize.error_samples=4"])
     assert code == 0
     assert alpha_manifest.stat().st_mtime_ns == alpha_mtime  # not redone
@@ -156,7 +156,7 @@ def test_rtn_loads_differs_from_gptq_both_close_to_float(batch):
 
 
 def test_bad_inputs_fail_before_any_work(sources, tmp_path):
-    from refinery.launch.many_cli import quantize_main as main
+    from refinery.launch.cli import main
     from refinery.quantize.batch import quantize_many, sweep_sources
 
     out = tmp_path / "out"
@@ -183,7 +183,7 @@ def test_bad_inputs_fail_before_any_work(sources, tmp_path):
         sweep_sources(tmp_path)
     config = tmp_path / "cfg.yaml"
     config.write_text(f"models:\n  student:\n    path: {sources.student}\n")
-    assert main([str(config), "--checkpoints", str(empty), "--out", str(out)]) == 2
+    assert main(["quantize", str(config), "--checkpoints", str(empty), "--out", str(out)]) == 2
     assert not out.exists()  # nothing was created for any of them
 
 

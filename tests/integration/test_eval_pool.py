@@ -153,7 +153,7 @@ def test_evaluate_many_writes_results_and_cli_skips_done_models(pool, cfg, tiny_
 
     from refinery.core.config import to_dict
     from refinery.evals.batch import evaluate_many, resolve_models
-    from refinery.launch.many_cli import evaluate_main as main
+    from refinery.launch.cli import main
 
     (name,) = resolve_models(cfg, [tiny_teacher])  # named after its dir
     models = {name: tiny_teacher, "same-path": tiny_teacher}
@@ -182,7 +182,7 @@ def test_evaluate_many_writes_results_and_cli_skips_done_models(pool, cfg, tiny_
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(to_dict(cfg)))
     mtime = (out / name / "results.json").stat().st_mtime_ns
-    assert main([str(cfg_file), "--models", tiny_teacher, "--out", str(out), "--latency"]) == 0
+    assert main(["evaluate", str(cfg_file), "--models", tiny_teacher, "--out", str(out), "--latency"]) == 0
     assert (out / name / "results.json").stat().st_mtime_ns == mtime
     printed = capsys.readouterr().out
     assert f"| {name} | {res[name]['mean_acc']:.3f} ± {res[name]['mean_acc_stderr']:.3f} |" in printed
@@ -228,7 +228,7 @@ def test_evaluate_stage_with_vllm_backend_and_report(cfg, pool, tmp_path):
 
 def test_bad_inputs_name_the_problem(cfg, tmp_path, capsys):
     from refinery.evals.batch import evaluate_many, resolve_models
-    from refinery.launch.many_cli import evaluate_main as main
+    from refinery.launch.cli import main
 
     missing = str(tmp_path / "no-such-model")
     with pytest.raises(FileNotFoundError, match=r"no-such-model.*does not exist.*HF model dir"):
@@ -237,7 +237,7 @@ def test_bad_inputs_name_the_problem(cfg, tmp_path, capsys):
         evaluate_many(cfg, {"m": missing}, tmp_path / "out", workers=1, latency=False)
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("tasks: {names: [siqa]}\n")
-    assert main([str(cfg_file), "--models", missing, "--out", str(tmp_path / "o")]) == 2
+    assert main(["evaluate", str(cfg_file), "--models", missing, "--out", str(tmp_path / "o")]) == 2
     assert "no-such-model" in capsys.readouterr().err
 
 
