@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from refinery.core.manifest import atomic_path
+from refinery.core.manifest import atomic_path, fmt_cell
 
 STAGES = ("distill", "quantize", "evaluate")
 
@@ -126,17 +126,13 @@ def _report(sweep, rows: list[dict], sweep_dir: Path) -> None:
              "|---|" + "---|" * len(keys) + "---:|---:|" + "---:|" * len(tasks)]
     for r in sorted(rows, key=lambda r: -r["objective"]):
         acc = [[x["per_task"][t] for x in r["replicates"] if t in x.get("per_task", {})] for t in tasks]
-        lines.append(f"| {r['key']} | " + " | ".join(_fmt(r["params"].get(k)) for k in keys)
+        lines.append(f"| {r['key']} | " + " | ".join(fmt_cell(r["params"].get(k)) for k in keys)
                      + f" | {r['objective']:.4f} | {r['objective_std']:.4f} | "
                      + " | ".join(f"{statistics.mean(a):.3f}" if a else "-" for a in acc) + " |")
     lines += ["", "**Verdict**: " + (v["text"] if v else "fewer than two configurations finished") + ".", "",
               "Plots: `plots/objective.png`, `plots/pareto.png`. Best configuration: `best.yaml`.", ""]
     with atomic_path(sweep_dir / "REPORT.md") as tmp:
         tmp.write_text("\n".join(lines))
-
-
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _plots(rows: list[dict], front: set[str], out: Path) -> None:
@@ -199,7 +195,7 @@ def print_status(sweep_dir: Path) -> int:
     print(f"sweep {sweep_dir}: driver {'running' if _driver_running(sweep_dir) else 'not running'}; "
           f"{len(rows)} of {sweep['num_samples']} configurations finished (x{sweep['replicates']} replicates)")
     for r in sorted(rows, key=lambda r: -r["objective"]):
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in r["params"].items())
+        params = ", ".join(f"{k}={fmt_cell(v)}" for k, v in r["params"].items())
         print(f"  {r['key']}  objective {r['objective']:.4f} +- {r['objective_std']:.4f}  {params}")
     v = verdict(rows)
     if v:

@@ -65,6 +65,11 @@ def write_csv(path: str | Path, rows: list[dict], columns: list[str] | tuple[str
         tmp.write_text(buf.getvalue())
 
 
+def fmt_cell(v) -> str:
+    """A table cell: floats to 4 significant digits, anything else as str."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def write_json(path: str | Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

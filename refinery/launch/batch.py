@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from refinery.core.config import ConfigError
-from refinery.core.manifest import write_csv
+from refinery.core.manifest import fmt_cell, write_csv
 
 COLUMNS = ("name", "bits", "group_size", "bytes_before", "bytes_after", "kl_mean", "quantize_s", "mean_acc",
            "mean_acc_stderr", "decode_ms", "status")
@@ -57,13 +57,9 @@ def _rows(records: list[dict], results: dict) -> list[dict]:
     return rows
 
 
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
 def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
 
 
