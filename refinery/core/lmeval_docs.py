@@ -32,18 +32,22 @@ def _stamp(include_path: str | None) -> tuple:
                  if p.is_file())
 
 
-def task_manager(include_path: str | None, need_defaults: bool = True):
+def task_manager(include_paths: list, names: list[str] = ()):
+    """An lm-eval TaskManager over `include_paths` (dirs of task YAMLs; None entries skipped). lm-eval's
+    own index of thousands of built-in YAMLs (seconds) is read only when there are no paths or one of
+    `names` is not among them."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(Path(include_path).resolve()) if include_path else None,
-                       include_defaults=need_defaults)
+    paths = [str(Path(p).resolve()) for p in include_paths if p]
+    tm = TaskManager(include_path=paths or None, include_defaults=not paths)
+    if paths and any(n not in tm.all_tasks for n in names):
+        tm = TaskManager(include_path=paths, include_defaults=True)
+    return tm
 
 
 @lru_cache(maxsize=16)
 def _load(name: str, include_path: str | None, stamp: tuple, description: str, bundled: tuple[str, ...]) -> Task:
-    tm = task_manager(include_path, need_defaults=False) if include_path else None
-    if tm is None or name not in tm.all_tasks:
-        tm = task_manager(include_path)  # lm-eval's own index: seconds
+    tm = task_manager([include_path], [name])
     if name not in tm.all_tasks:
         where = f" or in tasks.include_path ({include_path})" if include_path else ""
         raise ConfigError(f"tasks.names: {name!r} is neither a bundled task ({', '.join(bundled)}), nor a file "

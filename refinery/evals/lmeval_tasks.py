@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from refinery.core import lmeval_docs
 from refinery.core.manifest import atomic_path, write_jsonl
 from refinery.core.tasks import OFFLINE, Task, TasksConfig, load_task
 
@@ -122,13 +123,7 @@ def build_tasks(tasks: TasksConfig, tasks_dir: str | Path) -> list[TaskSpec]:
 def task_manager(specs: list[TaskSpec], tasks_dir: str | Path, include_path: str | None = None):
     """An lm-eval TaskManager that knows the local tasks, the user's include_path, and lm-eval's own
     only when needed."""
-    from lm_eval.tasks import TaskManager
-
-    # Indexing lm-eval's thousands of built-in YAMLs costs seconds: skip it when every task is local.
-    paths = [str(Path(tasks_dir).resolve())] + ([str(Path(include_path).resolve())] if include_path else [])
-    tm = TaskManager(include_path=paths, include_defaults=False)
-    if any(s.lm_eval_name not in tm.all_tasks for s in specs):
-        tm = TaskManager(include_path=paths, include_defaults=True)
+    tm = lmeval_docs.task_manager([tasks_dir, include_path], [s.lm_eval_name for s in specs])
     unknown = [s.name for s in specs if s.lm_eval_name not in tm.all_tasks]
     if unknown:
         raise ValueError(f"tasks.names: {', '.join(map(repr, unknown))} is neither an offline task "
