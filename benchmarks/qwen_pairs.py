@@ -13,7 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "paper"))
+from common import mean_se  # noqa: E402  (benchmarks/paper/common.py)
 
 CONTRASTS = [
     ("pipeline 4-bit vs GPTQ-only 4-bit (3 calib seeds)", ["muon-s0-w4"], ["gptq-only-s0", "gptq-only-s1", "gptq-only-s2"]),
@@ -28,12 +32,6 @@ CONTRASTS = [
 def load(d: Path, name: str) -> dict:
     rows = map(json.loads, (d / name / "samples.jsonl").read_text().splitlines())
     return {(r["task"], r["item_id"]): float(r["acc"]) for r in rows}
-
-
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    n = len(xs)
-    m = sum(xs) / n
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n) if n > 1 else 0.0
 
 
 def contrast(d: Path, a: list[str], b: list[str]) -> dict:

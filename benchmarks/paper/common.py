@@ -77,7 +77,7 @@ def cli(args: list[str], log_name: str) -> float:
 SHARED = {"quickstart": ("generate",), "qwen": ("generate", "teacher-logits")}[SETTING]
 
 
-def shared_generate(src: Path | None) -> Path:
+def make_shared(src: Path | None) -> Path:
     """`ROOT/shared/generate`: copied from a finished run's generate/ (same config and seed 0), or made;
     then the other SHARED stages over it."""
     gen = ROOT / "shared" / "generate"
@@ -131,14 +131,17 @@ def run_dir(arm: str, seed: int) -> Path:
     return ROOT / f"{arm}-s{seed}"
 
 
+def run_in(d: Path, seed: int, overrides: list[str], stages: str, what: str) -> Path:
+    """`refinery run` of `stages` in run dir `d` over the SHARED stages' outputs (finished stages skipped)."""
+    link_shared(d)
+    cli(["run", CONFIG, f"run_dir={d}", f"seed={seed}", *overrides, "--stages", stages, "--reuse", ",".join(SHARED)],
+        what)
+    return d
+
+
 def train(arm: str, seed: int, stages: str = "distill,quantize", extra: list[str] = ()) -> Path:
     """Distill and quantize one arm and seed on the shared data (finished stages are skipped)."""
-    d = run_dir(arm, seed)
-    link_shared(d)
-    cli(["run", CONFIG, f"run_dir={d}", f"seed={seed}", *arm_overrides(arm), *extra, "--stages", stages,
-         "--reuse", ",".join(SHARED)],
-        f"{arm}-s{seed} {stages}")
-    return d
+    return run_in(run_dir(arm, seed), seed, [*arm_overrides(arm), *extra], stages, f"{arm}-s{seed} {stages}")
 
 
 def base_student() -> str:

@@ -44,11 +44,9 @@ def pilot(optim: str = "adamw") -> None:
     never on the evaluation items."""
     rows = []
     for lr in PILOT_LRS[optim]:
-        d = ROOT / f"pilot-{optim}-{lr:g}"
-        common.link_shared(d)
-        common.cli(["run", common.CONFIG, f"run_dir={d}", "seed=0", *common.BASE, f"distill.optim.name={optim}",
-                    f"distill.optim.lr={lr}", "--stages", "distill", "--reuse", ",".join(common.SHARED)],
-                   f"pilot {optim} lr={lr:g}")
+        d = common.run_in(ROOT / f"pilot-{optim}-{lr:g}", 0,
+                          [*common.BASE, f"distill.optim.name={optim}", f"distill.optim.lr={lr}"], "distill",
+                          f"pilot {optim} lr={lr:g}")
         rows.append({"lr": lr, "final_loss": final_loss(d)})
     if optim == "adamw":
         rows.append({"lr": "muon 0.02 (muon-s0)", "final_loss": final_loss(common.run_dir("muon", 0))
@@ -151,7 +149,7 @@ def main() -> None:
     p.add_argument("--optim", choices=list(PILOT_LRS), default="adamw", help="pilot: which optimizer's lr")
     a = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4" if common.SETTING == "qwen" else "1")
-    common.shared_generate(a.src)
+    common.make_shared(a.src)
     steps = ["pilot", "train", "gptq-only", "evaluate", "latency", "outliers"] if a.step == "all" else [a.step]
     for step in steps:
         if step == "pilot":

@@ -19,50 +19,46 @@ import sys
 
 from refinery.core.config import ConfigError, UserError, parse_with_overrides, to_dict
 from refinery.core.proc import setup_logging
+from refinery.launch import batch, many_cli, models_cli, slurm_cli, sweep_cli
 from refinery.launch.stages import STAGES
 
 STAGE_CMDS = tuple(s.name for s in STAGES)
 # subcommands with their own options: (help, module with add_arguments(parser) and run(args) -> int)
 TOOLS = {
     "models": ("offline model registry and GGUF import (refinery models list | pull NAME | import FILE.gguf "
-               "[--name N])", "refinery.launch.models_cli"),
-    "sweep": ("Bayesian hyperparameter sweep (refinery sweep SWEEP.yaml | status DIR)", "refinery.launch.sweep_cli"),
+               "[--name N])", models_cli),
+    "sweep": ("Bayesian hyperparameter sweep (refinery sweep SWEEP.yaml | status DIR)", sweep_cli),
     "batch": ("quantize and evaluate many checkpoints in one job (refinery batch CONFIG --checkpoints P ... "
-              "--out DIR)", "refinery.launch.batch"),
+              "--out DIR)", batch),
 }
 CLUSTER = {"slurm": ("submit a sweep as a Slurm batch job with Ray (refinery cluster slurm SWEEP.yaml [--nodes N "
-                     "...] [--dry-run])", "refinery.launch.slurm_cli")}
-
-
-def _module(path: str):
-    import importlib
-
-    return importlib.import_module(path)
+                     "...] [--dry-run])", slurm_cli)}
+# the stages with a many-checkpoint form: (its options, what runs it)
+MANY = {"quantize": (many_cli.add_quantize_options, many_cli.quantize_run),
+        "evaluate": (many_cli.add_evaluate_options, many_cli.evaluate_run)}
 
 
 def _parser() -> argparse.ArgumentParser:
     """One parser: a subcommand per stage of the stage table (launch.stages.STAGES), `run` and
     `check`, and the tools; quantize and evaluate also take their many-checkpoint options."""
-    from refinery.launch import many_cli
-
     p = argparse.ArgumentParser(prog="refinery", description="Distill, quantize and evaluate a small student LLM.")
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, (help_, mod) in TOOLS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
-        _module(mod).add_arguments(sp)
-        sp.set_defaults(handler=_module(mod).run)
+        mod.add_arguments(sp)
+        sp.set_defaults(handler=mod.run)
     cluster = sub.add_parser("cluster", help="run a sweep on a cluster (refinery cluster slurm SWEEP.yaml "
                                              "[--nodes N ...] [--dry-run])")
     kinds = cluster.add_subparsers(dest="kind", required=True)
     for name, (help_, mod) in CLUSTER.items():
         sp = kinds.add_parser(name, help=help_, description=help_)
-        _module(mod).add_arguments(sp)
-        sp.set_defaults(handler=_module(mod).run)
+        mod.add_arguments(sp)
+        sp.set_defaults(handler=mod.run)
     for name, help_ in [("run", "all stages, skipping those already complete"),
                         ("check", "validate a config and print it resolved"),
                         *[(s, f"only the {s} stage (needs the previous stages' outputs)") for s in STAGE_CMDS]]:
         sp = sub.add_parser(name, help=help_, description=help_)
-        sp.set_defaults(handler=None)
+        sp.set_defaults(handler=None, many=None)
         sp.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.steps=50")
         sp.add_argument("-v", "--verbose", action="store_true",
@@ -78,10 +74,10 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("run", "distill"):
             sp.add_argument("--nproc", type=int, default=None,
                             help="training processes (sets distill.parallel.nproc; strategy ddp unless set)")
-        if name == "quantize":
-            many_cli.add_quantize_options(sp)
-        if name == "evaluate":
-            many_cli.add_evaluate_options(sp)
+        if name in MANY:
+            add_options, run_many = MANY[name]
+            add_options(sp)
+            sp.set_defaults(many=run_many)
     return p
 
 
@@ -92,13 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if args.handler is not None:  # a tool: its own module runs it
         return args.handler(args)
-    if args.cmd in ("quantize", "evaluate"):
-        from refinery.launch import many_cli
-
+    if args.many is not None:
         if args.cmd == "quantize" and args.out is not None and not many_cli.is_many(args):
             parser.error("quantize --out: give --checkpoints P [P ...] or --sweep DIR too")
         if many_cli.is_many(args):
-            return (many_cli.quantize_run if args.cmd == "quantize" else many_cli.evaluate_run)(args)
+            return args.many(args)
     from refinery.launch.config import load
 
     overrides = list(args.overrides)
