@@ -160,7 +160,7 @@ def measure(source: str, run_dir: str, steps: int, batch: int | None) -> dict:
     import torch
     import transformers  # noqa: F401
 
-    from refinery.launch.config import load
+    from refinery.pipeline.config import load
     from refinery.train.data import collate, sample_indices
     from refinery.train.trainer import setup, train_step
 

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = args.tasks.split(",")
     if not args.table_only:
         from refinery.core.models import resolve_models
-        from refinery.launch.config import load
+        from refinery.pipeline.config import load
 
         cfg = load(args.config, ["tasks.eval_limit=null", *args.overrides])
         teacher, student = resolve_models(cfg.models)

@@ -33,7 +33,7 @@ def tiny_student(smollm2_path) -> str:
 @pytest.fixture
 def tiny_config(tmp_path, tiny_teacher, tiny_student):
     """Factory: tiny_config(distill={"steps": 3}) -> a PipelineConfig on the tiny models."""
-    from refinery.launch.config import load
+    from refinery.pipeline.config import load
 
     def make(**sections):
         overrides = [f"run_dir={tmp_path / 'run'}", f"models.teacher={tiny_teacher}",

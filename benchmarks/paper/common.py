@@ -147,7 +147,7 @@ def train(arm: str, seed: int, stages: str = "distill,quantize", extra: list[str
 def base_student() -> str:
     """The undistilled 12-layer student of the quickstart config (derived once, cached)."""
     from refinery.core.models import resolve_models
-    from refinery.launch.config import load
+    from refinery.pipeline.config import load
 
     return resolve_models(load(CONFIG, BASE).models)[1]
 

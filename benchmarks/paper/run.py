@@ -59,7 +59,7 @@ def pilot(optim: str = "adamw") -> None:
 def models_to_score() -> dict[str, str]:
     """{name: model dir} of everything trained so far, plus the teacher and the undistilled student."""
     from refinery.core.models import resolve_models
-    from refinery.launch.config import load
+    from refinery.pipeline.config import load
 
     teacher, base = resolve_models(load(common.CONFIG, common.BASE).models)
     out = {"teacher": teacher, "student_base": base}
@@ -79,7 +79,7 @@ def models_to_score() -> dict[str, str]:
 
 def evaluate() -> None:
     from refinery.evals.batch import evaluate_many, table
-    from refinery.launch.config import load
+    from refinery.pipeline.config import load
 
     cfg = load(common.CONFIG, common.BASE)
     t0 = time.time()
@@ -104,7 +104,7 @@ def outlier_texts(per_task: int = 20) -> list[str]:
     """Held-out items (prompt + gold answer) of the quickstart tasks: text no student trained on."""
     from refinery.core.tasks import load_task
     from refinery.evals.lmeval_tasks import held_out_docs
-    from refinery.launch.config import load
+    from refinery.pipeline.config import load
 
     cfg = load(common.CONFIG, common.BASE)
     texts = []

@@ -136,7 +136,7 @@ def run_sweep(path: str, overrides: list[str] = (), address: str | None = None) 
 
     from refinery.cluster.results import write_outputs
     from refinery.cluster.trial import stop_orphans
-    from refinery.launch.config import load
+    from refinery.pipeline.config import load
 
     sweep = load_sweep(path, overrides)
     sweep_dir = Path(sweep.sweep_dir).resolve()

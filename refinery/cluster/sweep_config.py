@@ -119,7 +119,7 @@ class SweepConfig:
 
 def load_sweep(path: str, overrides: list[str] = ()) -> SweepConfig:
     """Load and check a sweep YAML, and check that every searched key exists in the base config."""
-    from refinery.launch.config import load
+    from refinery.pipeline.config import load
 
     data = load_yaml(path)
     apply_overrides(data, list(overrides))

@@ -265,3 +265,15 @@ def imported_dir(name: str) -> Path | None:
         return None
     out = models_dir() / name
     return out if is_converted(out) and read_info(out) else None
+
+
+def model_dir(spec: str | None) -> Path | None:
+    """The HF dir a model value names, when it exists on this machine without fetching anything."""
+    if not spec:
+        return None
+    if spec in REGISTRY:
+        out = models_dir() / REGISTRY[spec].dirname
+        return out if is_converted(out) else None
+    if Path(spec).is_dir():
+        return Path(spec)
+    return imported_dir(spec)

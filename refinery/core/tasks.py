@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from refinery.core.config import check
+from refinery.core.config import ConfigError, check
 from refinery.core.items import Item, Task, bucket, drop_overlap
 from refinery.core.lmeval_docs import lmeval_task
 
@@ -183,3 +183,19 @@ def _file_task(name, path, stamp, eval_fraction, description, answer_regex, max_
 def task_digests(cfg: TasksConfig) -> dict[str, str]:
     """{name: data hash} of the run's non-bundled tasks (part of generate's and evaluate's identity)."""
     return {n: load_task(cfg, n).digest for n in cfg.names if n not in OFFLINE}
+
+
+def check_tasks(cfg: TasksConfig, need_seeds: int = 0) -> None:
+    """Every task resolves (bundled, a valid file, or a loadable lm-eval task), has held-out items,
+    and (for generate) at least `need_seeds` seed items; a user file's errors name file, line, field."""
+    for name in cfg.names:
+        task = load_task(cfg, name)
+        if task.opaque:  # lm-eval scores it; generate has only its description (logged)
+            continue
+        fix = (f"add items, or change tasks.eval_fraction (now {cfg.eval_fraction})" if task.source == "file"
+               else "use a task with more documents")
+        if not task.held:
+            raise ConfigError(f"task {name!r}: no held-out items (of {len(task.seed)}): {fix}")
+        if len(task.seed) < need_seeds:
+            raise ConfigError(f"task {name!r}: its seed split has {len(task.seed)} items, fewer than "
+                              f"generate.seeds_per_task={need_seeds}: {fix}, or lower generate.seeds_per_task")

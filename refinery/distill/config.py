@@ -41,3 +41,14 @@ class GenerateConfig:
         check(self.shots >= 0, "shots", self.shots, "an integer >= 0")
         check(0 < self.dedupe_threshold <= 1, "dedupe_threshold", self.dedupe_threshold, "a number in (0, 1]")
         check(0 <= self.score_threshold <= 10, "score_threshold", self.score_threshold, "a number in [0, 10]")
+
+
+GENERATE_TASKS = ("names", "eval_fraction", "custom", "include_path")
+"""The run-wide `tasks` keys generate's data depends on (`eval_limit` and `answer_regex` are evaluate's)."""
+
+
+def generate_preflight(cfg) -> None:
+    """Every task resolves, has held-out items and at least generate.seeds_per_task seed items."""
+    from refinery.core.tasks import check_tasks
+
+    check_tasks(cfg.tasks, cfg.generate.seeds_per_task)

@@ -72,3 +72,14 @@ class ReportConfig:
     """The markdown report and its PNG plots."""
 
     title: str = "llm-refinery run"
+
+
+def evaluate_preflight(cfg) -> None:
+    """Every task resolves with held-out items; vLLM here can serve the 4-bit student it will score."""
+    from refinery.core.tasks import check_tasks
+
+    check_tasks(cfg.tasks)
+    if cfg.evaluate.backend == "vllm" and "student_quant" in cfg.evaluate.models:
+        from refinery.distill.engines import refuse_unservable_bits
+
+        refuse_unservable_bits(cfg.quantize.bits, "evaluate.backend=vllm scores student_quant with vLLM")

@@ -169,8 +169,8 @@ def _overlapped(cfg, sources, out: Path, q_workers, e_workers, method, data, swe
 
 
 def run(args) -> int:
-    from refinery.launch.config import load
     from refinery.launch.many_cli import split_overrides
+    from refinery.pipeline.config import load
     from refinery.quantize.batch import sweep_sources
 
     try:

@@ -20,7 +20,7 @@ import sys
 from refinery.core.config import ConfigError, UserError, parse_with_overrides, to_dict
 from refinery.core.proc import setup_logging
 from refinery.launch import batch, many_cli, models_cli, slurm_cli, sweep_cli
-from refinery.launch.stages import STAGES
+from refinery.pipeline.stages import STAGES
 
 STAGE_CMDS = tuple(s.name for s in STAGES)
 # subcommands with their own options: (help, module with add_arguments(parser) and run(args) -> int)
@@ -39,7 +39,7 @@ MANY = {"quantize": (many_cli.add_quantize_options, many_cli.quantize_run),
 
 
 def _parser() -> argparse.ArgumentParser:
-    """One parser: a subcommand per stage of the stage table (launch.stages.STAGES), `run` and
+    """One parser: a subcommand per stage of the stage table (pipeline.stages.STAGES), `run` and
     `check`, and the tools; quantize and evaluate also take their many-checkpoint options."""
     p = argparse.ArgumentParser(prog="refinery", description="Distill, quantize and evaluate a small student LLM.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("quantize --out: give --checkpoints P [P ...] or --sweep DIR too")
         if many_cli.is_many(args):
             return args.many(args)
-    from refinery.launch.config import load
+    from refinery.pipeline.config import load
 
     overrides = list(args.overrides)
     try:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.nproc > 1 and load(args.config, args.overrides).distill.parallel.strategy == "none":
                 overrides.append("distill.parallel.strategy=ddp")
         cfg = load(args.config, overrides)
-        from refinery.launch.preflight import preflight
+        from refinery.pipeline.preflight import preflight
 
         stages = (args.stages.split(",") if args.stages else None) if args.cmd == "run" else \
             None if args.cmd == "check" else [args.cmd]
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
-    from refinery.launch.stages import run_pipeline, run_stage
+    from refinery.pipeline.stages import run_pipeline, run_stage
     from refinery.train.preempt import Preempted
 
     logging.getLogger("refinery").info("run dir: %s", cfg.run_dir)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 print(f"refinery: --stages: unknown stage {bad[0]!r}; stages: {', '.join(STAGE_CMDS)}", file=sys.stderr)
                 return 2
-            results = run_pipeline(cfg, stages, force=args.force, reuse=reuse)
+            results = run_pipeline(cfg, stages, force=args.force, reuse=reuse, checked=True)
         else:
             results = [run_stage(cfg, args.cmd, force=args.force, reuse=reuse)]
     except (UserError, FileNotFoundError) as e:

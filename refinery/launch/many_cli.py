@@ -13,7 +13,7 @@ from pathlib import Path
 
 from refinery.core.config import UserError
 from refinery.evals.batch import RUN_MODELS, evaluate_many, resolve_models, table
-from refinery.launch.config import PipelineConfig, load
+from refinery.pipeline.config import PipelineConfig, load
 from refinery.quantize.batch import METHODS, format_table, quantize_many, sweep_sources
 from refinery.quantize.config import QuantizeConfig
 

@@ -59,3 +59,11 @@ class QuantizeConfig:
         check(self.calibration_batch_size >= 1, "calibration_batch_size", self.calibration_batch_size,
               "an integer >= 1")
         check(self.error_samples >= 1, "error_samples", self.error_samples, "an integer >= 1")
+
+
+def quantize_preflight(cfg) -> None:
+    """quantize.group_size against the student's layer widths (from its config.json alone)."""
+    if cfg.quantize.method in ("gptq", "rtn"):
+        from refinery.quantize.shapes import check_widths
+
+        check_widths(cfg)

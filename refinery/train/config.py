@@ -206,3 +206,13 @@ def hashed(section: dict) -> dict:
     if not section.get("qat", {}).get("enabled"):
         section = {k: v for k, v in section.items() if k != "qat"}
     return section
+
+
+def distill_needs(cfg) -> tuple[str, ...]:
+    """What distill reads beyond generate's data: the top-k cache when teacher_source=topk."""
+    return ("teacher-logits",) if cfg.distill.teacher_source == "topk" else ()
+
+
+def teacher_logits_wanted(cfg) -> bool:
+    """The top-k cache is only made for a distill that trains from it."""
+    return cfg.distill.teacher_source == "topk"

@@ -18,7 +18,7 @@ import pytest
 
 from refinery.core.config import ConfigError
 from refinery.core.manifest import read_manifest
-from refinery.launch.config import load
+from refinery.pipeline.config import load
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from refinery.core.manifest import read_jsonl
-from refinery.launch.config import load
+from refinery.pipeline.config import load
 
 pytestmark = pytest.mark.integration
 
@@ -101,7 +101,7 @@ def test_learns_and_saves_peft_adapter(straight, tiny_student):
 def test_sigkill_and_stop_then_resume_give_the_same_loss_curve(straight, tmp_path, tiny_teacher, tiny_student,
                                                                write_train_data):
     """Killed mid-run (SIGKILL, real CLI in a subprocess), resumed up to a stop, resumed to the end."""
-    from refinery.launch.stages import run_stage
+    from refinery.pipeline.stages import run_stage
     from refinery.train.launch import run
 
     cfg, cfg_path = _cfg(tmp_path, tiny_teacher, tiny_student, write_train_data)
@@ -138,7 +138,7 @@ def test_sigkill_and_stop_then_resume_give_the_same_loss_curve(straight, tmp_pat
 def test_sigterm_checkpoints_the_current_step_then_resume_continues(straight, tmp_path, tiny_teacher, tiny_student,
                                                                     write_train_data):
     """Preemption (SIGTERM, as Slurm sends): checkpoint at the step in progress, exit 143, resume there."""
-    from refinery.launch.stages import run_stage
+    from refinery.pipeline.stages import run_stage
 
     cfg, cfg_path = _cfg(tmp_path, tiny_teacher, tiny_student, write_train_data)
     out = cfg.context().stage_dir("distill")

@@ -41,7 +41,7 @@ def pool():
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory, tiny_teacher, tiny_student):
-    from refinery.launch.config import load
+    from refinery.pipeline.config import load
 
     run = tmp_path_factory.mktemp("evalpool")
     return load(None, [f"run_dir={run / 'run'}", f"models.teacher={tiny_teacher}",
@@ -192,7 +192,7 @@ def test_evaluate_stage_with_vllm_backend_and_report(cfg, pool, tmp_path):
     """`evaluate.backend: vllm` in the pipeline's stage: its own second pool next to the module's; a
     generative task of the user's own runs on it as on the HF backend (same items, same metric)."""
     from refinery.evals import evaluate, report
-    from refinery.launch.config import load
+    from refinery.pipeline.config import load
 
     codes = tmp_path / "codes.jsonl"
     codes.write_text("".join(json.dumps({"question": f"Repeat the word number {i}.", "answers": [f"word{i}"],
@@ -243,7 +243,7 @@ def test_bad_inputs_name_the_problem(cfg, tmp_path, capsys):
 
 def test_unknown_task_names_the_task(cfg, tmp_path, tiny_student):
     from refinery.evals.batch import evaluate_many
-    from refinery.launch.config import load
+    from refinery.pipeline.config import load
 
     bad = load(None, [f"run_dir={tmp_path}", "tasks.names=[siqa, no_such_task_xyz]"])
     with pytest.raises(ValueError, match=r"'no_such_task_xyz' is neither an offline task"):

@@ -11,7 +11,7 @@ from refinery.core import tasks
 from refinery.core.config import ConfigError
 from refinery.core.manifest import read_jsonl, read_manifest
 from refinery.distill import selfinstruct as si
-from refinery.launch.stages import run_stage
+from refinery.pipeline.stages import run_stage
 
 pytestmark = pytest.mark.integration
 

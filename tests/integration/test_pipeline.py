@@ -103,15 +103,14 @@ def test_every_broken_artifact_is_rerun_or_refused_never_taken_as_complete(finis
     import dataclasses
     import shutil
 
-    from refinery.launch import stages
     from refinery.launch.cli import main
-    from refinery.launch.config import load
+    from refinery.pipeline import stages
+    from refinery.pipeline.config import load
 
     args = _overrides(finished_run, tiny_teacher, tiny_student)
     cfg = load("configs/quickstart.yaml", args)
-    stubbed = tuple(dataclasses.replace(s, target=f"{__name__}:_would_run") for s in stages.STAGES)
+    stubbed = tuple(dataclasses.replace(s, run=_would_run) for s in stages.STAGES)
     monkeypatch.setattr(stages, "STAGES", stubbed)
-    monkeypatch.setattr(stages, "BY_NAME", {s.name: s for s in stubbed})
     later = {"generate": "distill", "distill": "quantize", "quantize": "evaluate", "evaluate": "report"}
     checked = 0
     for stage in STAGES:

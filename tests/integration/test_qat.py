@@ -22,8 +22,8 @@ import yaml
 
 from refinery.core.config import ConfigError
 from refinery.core.manifest import read_jsonl
-from refinery.launch.config import load
-from refinery.launch.stages import run_stage
+from refinery.pipeline.config import load
+from refinery.pipeline.stages import run_stage
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,8 +13,8 @@ import pytest
 
 from refinery.core.config import ConfigError
 from refinery.core.manifest import read_manifest
-from refinery.launch.config import load
-from refinery.launch.stages import run_stage
+from refinery.pipeline.config import load
+from refinery.pipeline.stages import run_stage
 
 pytestmark = pytest.mark.integration
 
@@ -156,7 +156,7 @@ def test_3bit_gptq_scores_in_transformers_and_vllm_cpu_refusal_is_named(tmp_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from refinery.distill.engines import VLLMEngine
-    from refinery.launch.stages import run_pipeline
+    from refinery.pipeline.stages import run_pipeline
     from refinery.quantize.load import load_quantized, quantization_error
 
     if torch.cuda.is_available():

@@ -19,8 +19,9 @@ def finished(tmp_path, tiny_teacher, tiny_student, write_train_data):
     import time
 
     from refinery.core.manifest import write_manifest
-    from refinery.launch.config import load
-    from refinery.launch.stages import BY_NAME, run_stage, stage_identity
+    from refinery.core.runner import identity as stage_identity
+    from refinery.pipeline.config import load
+    from refinery.pipeline.stages import BY_NAME, run_stage
 
     run = tmp_path / "run"
     conf = {"run_dir": str(run), "models": {"teacher": tiny_teacher, "student": {"path": tiny_student}},
@@ -76,8 +77,8 @@ def test_same_size_edit_of_the_data_is_caught_by_its_hash(finished, capsys):
 
 
 def test_a_deleted_adapter_reruns_distill_instead_of_reporting_it_complete(finished, caplog):
-    from refinery.launch.config import load
-    from refinery.launch.stages import run_stage
+    from refinery.pipeline.config import load
+    from refinery.pipeline.stages import run_stage
 
     path, run = finished
     adapter = run / "distill" / "adapter" / "adapter_model.safetensors"
@@ -102,8 +103,8 @@ def test_a_copied_run_dir_is_still_complete(finished, tmp_path):
 
 def test_more_steps_extends_a_finished_run_from_its_last_checkpoint(finished, caplog):
     from refinery.core.manifest import read_jsonl, read_manifest
-    from refinery.launch.config import load
-    from refinery.launch.stages import run_stage
+    from refinery.pipeline.config import load
+    from refinery.pipeline.stages import run_stage
 
     path, run = finished
     before = read_jsonl(run / "distill" / "metrics.jsonl")
@@ -122,8 +123,8 @@ def test_a_killed_rerun_keeps_the_finished_run_and_resumes_its_own_progress(fini
     """`distill.steps=4` killed after step 3: the 2-step run stays complete and skippable (its manifest,
     adapter, metrics and checkpoints untouched); the next 4-step run resumes at step 3 from distill.new/."""
     from refinery.core.manifest import read_jsonl, read_manifest, verify_outputs
-    from refinery.launch.config import load
-    from refinery.launch.stages import run_stage
+    from refinery.pipeline.config import load
+    from refinery.pipeline.stages import run_stage
     from refinery.train import trainer
 
     path, run = finished

@@ -17,8 +17,8 @@ import torch
 from refinery.core.config import ConfigError
 from refinery.core.manifest import read_jsonl, write_jsonl, write_manifest
 from refinery.core.tasks import split
-from refinery.launch.config import load
-from refinery.launch.stages import run_stage
+from refinery.pipeline.config import load
+from refinery.pipeline.stages import run_stage
 
 pytestmark = pytest.mark.integration
 

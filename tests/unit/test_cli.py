@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from refinery.launch import cli, many_cli
-from refinery.launch.stages import STAGES
+from refinery.pipeline.stages import STAGES
 
 
 def parse(argv):

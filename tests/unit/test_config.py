@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from refinery.core.config import ConfigError, apply_overrides, config_hash
-from refinery.launch.config import PipelineConfig, load
+from refinery.pipeline.config import PipelineConfig, load
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from refinery.core.config import ConfigError
-from refinery.launch.config import load
+from refinery.pipeline.config import load
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 

@@ -194,7 +194,7 @@ def test_config_rejects_bad_values(field, value, msg):
 
 
 def test_quickstart_generate_section_loads():
-    from refinery.launch.config import load
+    from refinery.pipeline.config import load
 
     quickstart = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
     cfg = load(quickstart)

@@ -4,9 +4,9 @@ import json
 import pytest
 
 from refinery.core import manifest
-from refinery.core.stage import Result
-from refinery.launch import stages
-from refinery.launch.config import load
+from refinery.core.stage import Result, Stage
+from refinery.pipeline import stages
+from refinery.pipeline.config import load
 
 
 def test_atomic_path_leaves_nothing_half_written(tmp_path):
@@ -48,10 +48,8 @@ def toy_distill(ctx, cfg):
 @pytest.fixture
 def toy_stages(monkeypatch):
     CALLS.clear()
-    toy = (stages.Stage("generate", "generate", f"{__name__}:toy_generate", ()),
-           stages.Stage("distill", "distill", f"{__name__}:toy_distill", ("generate",)))
+    toy = (Stage("generate", "generate", toy_generate), Stage("distill", "distill", toy_distill, ("generate",)))
     monkeypatch.setattr(stages, "STAGES", toy)
-    monkeypatch.setattr(stages, "BY_NAME", {s.name: s for s in toy})
 
 
 def test_runner_skips_complete_stages_and_reruns_on_change(tmp_path, toy_stages):
@@ -115,7 +113,7 @@ def test_a_manifest_without_file_records_or_unreadable_is_not_verified(tmp_path)
 
 
 def test_stale_keys_lists_what_changed_and_ignores_the_process_layout():
-    from refinery.launch.stages import stale_keys
+    from refinery.core.runner import stale_keys
 
     made = {"seed": 0, "generate": {"temperature": 0.8, "top_p": 0.95}, "distill": {"parallel": {"nproc": 1}}}
     now = {"seed": 1, "generate": {"temperature": 0.8}, "distill": {"parallel": {"nproc": 2}}}
@@ -126,8 +124,8 @@ def test_a_failed_rerun_leaves_the_last_complete_outputs_untouched(tmp_path, mon
     from refinery.core.manifest import read_manifest, verify_outputs
     from refinery.core.stage import Result
     from refinery.distill import generate
-    from refinery.launch.config import load
-    from refinery.launch.stages import run_stage
+    from refinery.pipeline.config import load
+    from refinery.pipeline.stages import run_stage
 
     cfg = load(None, [f"run_dir={tmp_path / 'run'}"])
     out = tmp_path / "run" / "generate"

@@ -165,14 +165,14 @@ def test_pack_roundtrip_and_gptq_layout():
     ("distill.qat.diag_every=-1", "distill.qat.diag_every"),
 ])
 def test_bad_values_name_the_field(override, field):
-    from refinery.launch.config import load
+    from refinery.pipeline.config import load
 
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load(None, [override])
 
 
 def test_qat_constraints_name_the_field():
-    from refinery.launch.config import load
+    from refinery.pipeline.config import load
 
     with pytest.raises(ConfigError, match=r"distill\.lora\.dropout"):
         load(None, ["distill.qat.enabled=true", "distill.lora.dropout=0.1"])
@@ -189,8 +189,9 @@ def test_qat_constraints_name_the_field():
 
 def test_stage_hashes():
     from refinery.core.config import config_hash, to_dict
-    from refinery.launch.config import load
-    from refinery.launch.stages import BY_NAME, stage_identity
+    from refinery.core.runner import identity as stage_identity
+    from refinery.pipeline.config import load
+    from refinery.pipeline.stages import BY_NAME
 
     yaml_path = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
 

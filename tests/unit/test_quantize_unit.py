@@ -8,7 +8,7 @@ import pytest
 
 from refinery.core.config import ConfigError, InputError
 from refinery.core.manifest import write_jsonl
-from refinery.launch.config import load
+from refinery.pipeline.config import load
 from refinery.quantize.config import QuantizeConfig
 from refinery.quantize.calib import load_rows, split_texts
 from refinery.quantize.gptq import quant_device

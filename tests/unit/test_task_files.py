@@ -51,8 +51,9 @@ def test_a_seed_item_repeating_a_held_out_question_is_dropped(tmp_path):
 
 
 def test_task_data_enters_the_identity_of_generate_and_evaluate_only(tmp_path):
-    from refinery.launch.config import load
-    from refinery.launch.stages import BY_NAME, stage_identity
+    from refinery.core.runner import identity as stage_identity
+    from refinery.pipeline.config import load
+    from refinery.pipeline.stages import BY_NAME
 
     f = _write(tmp_path / "t.jsonl", [{"question": f"q{i}", "choices": ["a", "b"], "answer": 0} for i in range(8)])
     over = [f"run_dir={tmp_path / 'run'}", "tasks.names=[mine]", f"tasks.custom.mine.file={f}",

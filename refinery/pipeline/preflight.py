@@ -8,19 +8,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from refinery.core import runner
 from refinery.core.config import ConfigError
 from refinery.core.weights import check_weights
+from refinery.pipeline.stages import STAGES
 
 
 def preflight(cfg, stages: list[str] | None = None) -> None:
-    """Raise ConfigError (InputError for broken weight files) on the first problem; `stages` (None: all) limits the stage-specific checks."""
-    wanted = set(stages) if stages else {"generate", "teacher-logits", "distill", "quantize", "evaluate", "report"}
+    """Raise ConfigError (InputError for broken weight files) on the first problem: the run-wide
+    checks, then each wanted stage's own (of `stages`, None: all; core.stage.Stage.preflight)."""
     check_run_dir(Path(cfg.run_dir))
     check_models(cfg.models)
-    if wanted & {"generate", "evaluate", "report"}:
-        check_tasks(cfg, need_seeds=cfg.generate.seeds_per_task if "generate" in wanted else 0)
-    if "quantize" in wanted and cfg.quantize.method in ("gptq", "rtn"):
-        check_widths(cfg)
+    runner.preflight(cfg, STAGES, stages)
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -29,20 +28,6 @@ def check_run_dir(run_dir: Path) -> None:
     parent = next((p for p in [run_dir, *run_dir.parents] if p.exists()), Path("."))
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"run_dir: cannot create {str(run_dir)!r} ({parent} is not writable): pass another run_dir")
-
-
-def model_dir(spec: str | None) -> Path | None:
-    """The HF dir a model value names, when it exists on this machine without fetching anything."""
-    from refinery.core import gguf_import as gi
-
-    if not spec:
-        return None
-    if spec in gi.REGISTRY:
-        out = gi.models_dir() / gi.REGISTRY[spec].dirname
-        return out if gi.is_converted(out) else None
-    if Path(spec).is_dir():
-        return Path(spec)
-    return gi.imported_dir(spec)
 
 
 def _needs_own_code(path: Path) -> bool:
@@ -83,7 +68,7 @@ def check_models(models) -> None:
                               "or an imported model, and HF_HUB_OFFLINE=1 with no copy in the hub cache: "
                               "`refinery models import FILE.gguf --name NAME`, or pass an HF model directory")
     for key, spec in (("models.teacher", models.teacher), ("models.student.path", models.student.path)):
-        where = model_dir(spec)
+        where = gi.model_dir(spec)
         if where is not None:
             check_weights(where, key)
 
@@ -95,32 +80,3 @@ def _in_hub_cache(repo: str) -> bool:
         return isinstance(try_to_load_from_cache(repo, "config.json"), str)
     except Exception:  # an invalid repo id and the like: not in the cache
         return False
-
-
-def check_tasks(cfg, need_seeds: int = 0) -> None:
-    """Every task resolves (bundled, a valid file, or a loadable lm-eval task), has held-out items,
-    and (for generate) at least `need_seeds` seed items; a user file's errors name file, line, field."""
-    from refinery.core.tasks import load_task
-
-    for name in cfg.tasks.names:
-        task = load_task(cfg.tasks, name)
-        if task.opaque:  # lm-eval scores it; generate has only its description (logged)
-            continue
-        fix = (f"add items, or change tasks.eval_fraction (now {cfg.tasks.eval_fraction})" if task.source == "file"
-               else "use a task with more documents")
-        if not task.held:
-            raise ConfigError(f"task {name!r}: no held-out items (of {len(task.seed)}): {fix}")
-        if len(task.seed) < need_seeds:
-            raise ConfigError(f"task {name!r}: its seed split has {len(task.seed)} items, fewer than "
-                              f"generate.seeds_per_task={need_seeds}: {fix}, or lower generate.seeds_per_task")
-
-
-def check_widths(cfg) -> None:
-    """quantize.group_size against the student's layer widths, from its config.json alone."""
-    from refinery.quantize.shapes import check_group_size, quantizable_widths
-
-    student = cfg.models.student.path
-    where = model_dir(student) if student else model_dir(cfg.models.teacher)  # a derived student keeps widths
-    if where is None:  # not on this machine yet (a registry model not pulled, a hub name): checked at quantize
-        return
-    check_group_size(quantizable_widths(where, cfg.models.trust_remote_code), cfg.quantize.group_size)
