@@ -19,14 +19,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent / "paper"))
 from common import mean_se  # noqa: E402  (benchmarks/paper/common.py)
 
+SEEDS = (0, 1, 2)
+GPTQ_ONLY = [f"gptq-only-s{s}" for s in SEEDS]  # calibration draws
+
+
+def arm(name: str, kind: str) -> list[str]:
+    """The arm's models over the training seeds, e.g. arm("muon", "w4") -> muon-s0-w4, muon-s1-w4, ..."""
+    return [f"{name}-s{s}-{kind}" for s in SEEDS]
+
+
 CONTRASTS = [
-    ("pipeline 4-bit vs GPTQ-only 4-bit (3 calib seeds)", ["muon-s0-w4"], ["gptq-only-s0", "gptq-only-s1", "gptq-only-s2"]),
-    ("pipeline 4-bit vs fp student (undistilled)", ["muon-s0-w4"], ["student_base"]),
-    ("pipeline fp (merged) vs fp student", ["muon-s0-fp"], ["student_base"]),
-    ("pipeline 4-bit vs pipeline fp", ["muon-s0-w4"], ["muon-s0-fp"]),
-    ("GPTQ-only 4-bit vs fp student", ["gptq-only-s0", "gptq-only-s1", "gptq-only-s2"], ["student_base"]),
-    ("teacher vs pipeline 4-bit", ["teacher"], ["muon-s0-w4"]),
+    ("pipeline 4-bit (muon) vs GPTQ-only 4-bit", arm("muon", "w4"), GPTQ_ONLY),
+    ("pipeline 4-bit (adamw) vs GPTQ-only 4-bit", arm("adamw", "w4"), GPTQ_ONLY),
+    ("pipeline 4-bit (muon) vs fp student (undistilled)", arm("muon", "w4"), ["student_base"]),
+    ("pipeline fp (muon, merged) vs fp student", arm("muon", "fp"), ["student_base"]),
+    ("pipeline fp (adamw, merged) vs fp student", arm("adamw", "fp"), ["student_base"]),
+    ("muon: 4-bit vs its fp (loss to 4-bit)", arm("muon", "w4"), arm("muon", "fp")),
+    ("adamw: 4-bit vs its fp (loss to 4-bit)", arm("adamw", "w4"), arm("adamw", "fp")),
+    ("muon 4-bit vs adamw 4-bit", arm("muon", "w4"), arm("adamw", "w4")),
+    ("GPTQ-only 4-bit vs fp student", GPTQ_ONLY, ["student_base"]),
+    ("teacher vs pipeline 4-bit (muon)", ["teacher"], arm("muon", "w4")),
 ]
+"""Each side is averaged per item over its list (seeds); the se is over items, so it leaves out
+the seed-to-seed spread, which `seeds` prints per model."""
 
 
 def load(d: Path, name: str) -> dict:
@@ -51,7 +66,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", type=Path, default=Path("benchmarks/results/qwen-chain"))
     d = p.parse_args().dir
-    rows = [(label, contrast(d, a, b)) for label, a, b in CONTRASTS]
+    have = {p.name for p in d.iterdir() if (p / "samples.jsonl").is_file()}
+    rows = [(label, contrast(d, a, b)) for label, a, b in CONTRASTS if set(a + b) <= have]
     tasks = [k for k in rows[0][1] if k not in ("task mean", "items", "n")]
     print("| A - B | " + " | ".join(tasks) + " | **task mean** (z) | items (n) |")
     print("|---" * (len(tasks) + 3) + "|")

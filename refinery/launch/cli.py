@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.handler is not None:  # a tool: its own module runs it
         return args.handler(args)
     if args.many is not None:
-        if args.cmd == "quantize" and args.out is not None and not many_cli.is_many(args):
-            parser.error("quantize --out: give --checkpoints P [P ...] or --sweep DIR too")
+        stray = many_cli.stray_option(args)
+        if stray:  # it would be silently ignored by the run's own stage
+            need = "--checkpoints P [P ...] or --sweep DIR" if args.cmd == "quantize" else "--models P [P ...]"
+            parser.error(f"{args.cmd} {stray}: give {need} too (without them {args.cmd} is the run's own stage)")
         if many_cli.is_many(args):
             return args.many(args)
     from refinery.pipeline.config import load

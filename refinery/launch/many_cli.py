@@ -40,6 +40,17 @@ def add_evaluate_options(p: argparse.ArgumentParser) -> None:
                    help="measure latency and memory (default: evaluate.latency.enabled)")
 
 
+MANY_ONLY = ("out", "workers", "method", "data", "latency")
+"""Options that only the many-checkpoint form reads."""
+
+
+def stray_option(args) -> str | None:
+    """A many-checkpoint-only option given without the list it applies to (it would be ignored)."""
+    if is_many(args):
+        return None
+    return next((f"--{k}" for k in MANY_ONLY if getattr(args, k, None) is not None), None)
+
+
 def is_many(args) -> bool:
     """Whether a quantize/evaluate command line names many checkpoints (else: the run's own stage)."""
     return bool(getattr(args, "checkpoints", None) or getattr(args, "sweep", None) or getattr(args, "models", None))

@@ -43,6 +43,9 @@ def test_tools_parse_their_own_options():
 
 @pytest.mark.parametrize("argv, says", [
     (["quantize", "configs/quickstart.yaml", "--out", "o"], "--checkpoints"),  # --out alone: no many form
+    (["evaluate", "configs/quickstart.yaml", "--out", "o"], "evaluate --out: give --models"),  # not ignored
+    (["evaluate", "configs/quickstart.yaml", "--no-latency"], "evaluate --latency: give --models"),
+    (["quantize", "configs/quickstart.yaml", "--workers", "2"], "quantize --workers: give --checkpoints"),
     (["quantize", "configs/quickstart.yaml", "--checkpoints", "a", "--sweep", "d", "--out", "o"], "not allowed"),
     (["models", "list", "extra=1"], "unrecognized"),  # a tool without overrides
 ])
