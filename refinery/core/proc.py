@@ -1,4 +1,5 @@
-"""What every process of ours shares: the import path of child processes and the log format."""
+"""What every process of ours shares: the import path of child processes, the log format and how
+much third-party output is shown."""
 from __future__ import annotations
 
 import logging
@@ -15,6 +16,27 @@ def pythonpath() -> str:
     return os.pathsep.join(p for p in [ROOT, os.environ.get("PYTHONPATH", "")] if p)
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """The one log format of our command-line entry points."""
+QUIET_ENV = {"TORCH_LOGS": "-all", "VLLM_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "error",
+             "GPTQMODEL_DISABLE_GIL_WARNING": "1"}
+"""Read by the libraries at import (and inherited by every child process): their warnings and
+banners off; errors still print."""
+QUIET_LOGGERS = ("torch", "torchao", "transformers", "vllm", "deepspeed", "ray", "datasets", "lm_eval", "lm-eval",
+                 "peft", "accelerate", "urllib3", "filelock", "httpx", "huggingface_hub")
+
+
+def verbose() -> bool:
+    """Whether third-party output is wanted (`refinery ... -v`, inherited by child processes)."""
+    return os.environ.get("REFINERY_VERBOSE") == "1"
+
+
+def setup_logging(level: int = logging.INFO, loud: bool = False) -> None:
+    """The one log format of our command-line entry points. Unless `loud` (-v): third-party
+    libraries print errors only (their config dumps, banners and import warnings are off)."""
+    if loud:
+        os.environ["REFINERY_VERBOSE"] = "1"
+    if not verbose():
+        for k, v in QUIET_ENV.items():
+            os.environ.setdefault(k, v)
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")

@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.steps=50")
         sp.add_argument("-v", "--verbose", action="store_true",
-                        help="print the traceback of an expected error (bad config, input file) too")
+                        help="show third-party output (vLLM's config, library warnings; or REFINERY_VERBOSE=1) "
+                             "and the traceback of an expected error (bad config, input file)")
         if name != "check":
             sp.add_argument("--force", action="store_true", help="re-run even if the stage is complete")
             sp.add_argument("--reuse", default="", metavar="STAGES",
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     args = parse_with_overrides(parser, argv)  # overrides may also follow the options
-    setup_logging()
+    setup_logging(loud=getattr(args, "verbose", False))
     if args.handler is not None:  # a tool: its own module runs it
         return args.handler(args)
     if args.many is not None:

@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+from refinery.core import proc
 from refinery.core.config import ConfigError, to_dict
 from refinery.core.manifest import atomic_path, dir_bytes
 from refinery.core.models import resolve_models
@@ -180,3 +181,10 @@ def _gptq_env() -> None:
     # stalls; REFERENCE.md measured it working with 2. Read at import, so set before importing it.
     default = max(2, ((os.cpu_count() or 1) + 1) // 2)
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(default))
+    if not proc.verbose():  # its logger (LogBar) sets itself to INFO when first made: make it first, quieter
+        try:
+            from logbar import LogBar
+
+            LogBar.shared().setLevel(logging.WARNING)
+        except ImportError:  # another GPTQModel release without logbar: its banner prints
+            pass

@@ -1,0 +1,38 @@
+"""Third-party output is off by default and shown with -v (REFINERY_VERBOSE=1): the libraries a
+stage imports print their banners and import warnings only when asked."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+IMPORTS = """
+import logging
+from refinery.core.proc import setup_logging
+setup_logging()
+import peft, transformers  # torchao and torch warnings at import
+from refinery.quantize.gptq import _gptq_env
+_gptq_env()
+import gptqmodel  # its banner
+logging.getLogger("refinery").info("ours")
+"""
+TORCH_LOG_LINE = re.compile(r"^[WI]\d{4} ", re.M)  # torch's own log format: W1204 19:00:45.06 ...
+
+
+def _stderr(verbose: bool) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_LOGS", "VLLM_LOGGING_LEVEL",
+                                                          "TRANSFORMERS_VERBOSITY", "GPTQMODEL_DISABLE_GIL_WARNING")}
+    env["REFINERY_VERBOSE"] = "1" if verbose else "0"
+    out = subprocess.run([sys.executable, "-c", IMPORTS], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout + out.stderr
+
+
+def test_library_noise_is_off_by_default_and_on_with_verbose():
+    quiet, loud = _stderr(False), _stderr(True)
+    assert "refinery ours" in quiet and "refinery ours" in loud  # our own log lines always show
+    assert "GPT-QModel" in loud and "GIL is enabled" in loud
+    assert "GPT-QModel" not in quiet and "GIL" not in quiet, quiet
+    assert "torchao" not in quiet and not TORCH_LOG_LINE.search(quiet), quiet
+    assert len(quiet.strip().splitlines()) == 1, quiet
