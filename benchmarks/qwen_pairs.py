@@ -44,13 +44,30 @@ CONTRASTS = [
 the seed-to-seed spread, which `seeds` prints per model."""
 
 
-def load(d: Path, name: str) -> dict:
-    rows = map(json.loads, (d / name / "samples.jsonl").read_text().splitlines())
-    return {(r["task"], r["item_id"]): float(r["acc"]) for r in rows}
+FIDELITY = [c for c in CONTRASTS if "teacher" not in c[0] and "GPTQ-only 4-bit vs fp" not in c[0]]
+"""The same contrasts on agreement with the teacher's choice (fidelity), where the teacher is not a side."""
 
 
-def contrast(d: Path, a: list[str], b: list[str]) -> dict:
-    sa, sb = [load(d, n) for n in a], [load(d, n) for n in b]
+def _rows(d: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (d / name / "samples.jsonl").read_text().splitlines()]
+
+
+def _choice(r: dict) -> int:
+    ll = r["loglikelihoods"]
+    return max(range(len(ll)), key=ll.__getitem__)
+
+
+def load(d: Path, name: str, what: str = "acc") -> dict:
+    """{(task, item_id): value}: `acc`, or `agree` (1 when the model picks the teacher's choice)."""
+    if what == "acc":
+        return {(r["task"], r["item_id"]): float(r["acc"]) for r in _rows(d, name)}
+    teacher = {(r["task"], r["item_id"]): _choice(r) for r in _rows(d, "teacher")}
+    return {(r["task"], r["item_id"]): float(_choice(r) == teacher[(r["task"], r["item_id"])])
+            for r in _rows(d, name) if "loglikelihoods" in r}
+
+
+def contrast(d: Path, a: list[str], b: list[str], what: str = "acc") -> dict:
+    sa, sb = [load(d, n, what) for n in a], [load(d, n, what) for n in b]
     keys = sorted(set.intersection(*(set(s) for s in sa + sb)))
     diff = {k: sum(s[k] for s in sa) / len(sa) - sum(s[k] for s in sb) / len(sb) for k in keys}
     tasks = sorted({t for t, _ in keys})
@@ -62,12 +79,8 @@ def contrast(d: Path, a: list[str], b: list[str]) -> dict:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dir", type=Path, default=Path("benchmarks/results/qwen-chain"))
-    d = p.parse_args().dir
-    have = {p.name for p in d.iterdir() if (p / "samples.jsonl").is_file()}
-    rows = [(label, contrast(d, a, b)) for label, a, b in CONTRASTS if set(a + b) <= have]
+def print_table(d: Path, contrasts: list, what: str, have: set[str]) -> None:
+    rows = [(label, contrast(d, a, b, what)) for label, a, b in contrasts if set(a + b) <= have]
     tasks = [k for k in rows[0][1] if k not in ("task mean", "items", "n")]
     print("| A - B | " + " | ".join(tasks) + " | **task mean** (z) | items (n) |")
     print("|---" * (len(tasks) + 3) + "|")
@@ -77,6 +90,17 @@ def main() -> None:
         z = m / se if se else float("nan")
         cells += [f"**{m:+.3f} ({se:.3f})** z {z:+.1f}", f"{r['items'][0]:+.3f} ({r['items'][1]:.3f}) n={r['n']}"]
         print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dir", type=Path, default=Path("benchmarks/results/qwen-chain"))
+    d = p.parse_args().dir
+    have = {p.name for p in d.iterdir() if (p / "samples.jsonl").is_file()}
+    print("Accuracy, paired per held-out item:\n")
+    print_table(d, CONTRASTS, "acc", have)
+    print("\nAgreement with the teacher's choice (fidelity), paired per held-out item:\n")
+    print_table(d, FIDELITY, "agree", have)
 
 
 if __name__ == "__main__":
