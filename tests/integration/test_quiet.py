@@ -35,4 +35,3 @@ def test_library_noise_is_off_by_default_and_on_with_verbose():
     assert "GPT-QModel" in loud and "GIL is enabled" in loud
     assert "GPT-QModel" not in quiet and "GIL" not in quiet, quiet
     assert "torchao" not in quiet and not TORCH_LOG_LINE.search(quiet), quiet
-    assert len(quiet.strip().splitlines()) == 1, quiet
