@@ -81,6 +81,9 @@ def contrast(d: Path, a: list[str], b: list[str], what: str = "acc") -> dict:
 
 def print_table(d: Path, contrasts: list, what: str, have: set[str]) -> None:
     rows = [(label, contrast(d, a, b, what)) for label, a, b in contrasts if set(a + b) <= have]
+    if not rows:
+        print(f"(no contrast has all its models under {d})")
+        return
     tasks = [k for k in rows[0][1] if k not in ("task mean", "items", "n")]
     print("| A - B | " + " | ".join(tasks) + " | **task mean** (z) | items (n) |")
     print("|---" * (len(tasks) + 3) + "|")

@@ -11,15 +11,15 @@ from pathlib import Path
 from refinery.core import runner
 from refinery.core.config import ConfigError
 from refinery.core.weights import check_weights
-from refinery.pipeline.stages import STAGES
+from refinery.pipeline import stages
 
 
-def preflight(cfg, stages: list[str] | None = None) -> None:
+def preflight(cfg, names: list[str] | None = None) -> None:
     """Raise ConfigError (InputError for broken weight files) on the first problem: the run-wide
-    checks, then each wanted stage's own (of `stages`, None: all; core.stage.Stage.preflight)."""
+    checks, then each wanted stage's own (of `names`, None: all; core.stage.Stage.preflight)."""
     check_run_dir(Path(cfg.run_dir))
     check_models(cfg.models)
-    runner.preflight(cfg, STAGES, stages)
+    runner.preflight(cfg, stages.STAGES, names)
 
 
 def check_run_dir(run_dir: Path) -> None:

@@ -3,6 +3,8 @@
 module; its work is imported only when it runs, so the CLI starts without torch."""
 from __future__ import annotations
 
+import importlib
+
 from refinery.core import runner
 from refinery.core.stage import Stage
 from refinery.distill.config import GENERATE_TASKS, generate_preflight
@@ -11,54 +13,28 @@ from refinery.quantize.config import quantize_preflight
 from refinery.train.config import distill_needs, hashed, teacher_logits_wanted
 
 
-def _generate(ctx, cfg):
-    from refinery.distill.generate import run
+def _when_run(module: str):
+    """The stage's `run(ctx, section)` of `module`, imported at its first call (torch and vLLM load
+    only for a stage that works; the CLI itself starts in ~0.1 s)."""
+    def run(ctx, cfg):
+        return importlib.import_module(module).run(ctx, cfg)
 
-    return run(ctx, cfg)
-
-
-def _teacher_logits(ctx, cfg):
-    from refinery.train.teacher_logits import run
-
-    return run(ctx, cfg)
-
-
-def _distill(ctx, cfg):
-    from refinery.train.launch import run
-
-    return run(ctx, cfg)
-
-
-def _quantize(ctx, cfg):
-    from refinery.quantize.gptq import run
-
-    return run(ctx, cfg)
-
-
-def _evaluate(ctx, cfg):
-    from refinery.evals.evaluate import run
-
-    return run(ctx, cfg)
-
-
-def _report(ctx, cfg):
-    from refinery.evals.report import run
-
-    return run(ctx, cfg)
+    run.__qualname__ = f"{module}.run"
+    return run
 
 
 STAGES = (
-    Stage("generate", "generate", _generate, tasks=GENERATE_TASKS, preflight=generate_preflight),
-    Stage("teacher-logits", "teacher_logits", _teacher_logits, ("generate",), carry=("shard-*.safetensors",),
-          wanted=teacher_logits_wanted),
-    Stage("distill", "distill", _distill, ("generate",), carry=("checkpoints", "metrics.jsonl",
-                                                                 "qat_diagnostics.jsonl"),
-          more_needs=distill_needs, hashed=hashed),
-    Stage("quantize", "quantize", _quantize, ("distill",), preflight=quantize_preflight),
-    Stage("evaluate", "evaluate", _evaluate, ("distill", "quantize"), tasks=None, preflight=evaluate_preflight),
-    Stage("report", "report", _report, ("evaluate",), tasks=None),
+    Stage("generate", "generate", _when_run("refinery.distill.generate"), tasks=GENERATE_TASKS,
+          preflight=generate_preflight),
+    Stage("teacher-logits", "teacher_logits", _when_run("refinery.train.teacher_logits"), ("generate",),
+          carry=("shard-*.safetensors",), wanted=teacher_logits_wanted),
+    Stage("distill", "distill", _when_run("refinery.train.launch"), ("generate",),
+          carry=("checkpoints", "metrics.jsonl", "qat_diagnostics.jsonl"), more_needs=distill_needs, hashed=hashed),
+    Stage("quantize", "quantize", _when_run("refinery.quantize.gptq"), ("distill",), preflight=quantize_preflight),
+    Stage("evaluate", "evaluate", _when_run("refinery.evals.evaluate"), ("distill", "quantize"), tasks=None,
+          preflight=evaluate_preflight),
+    Stage("report", "report", _when_run("refinery.evals.report"), ("evaluate",), tasks=None),
 )
-NAMES = tuple(s.name for s in STAGES)
 BY_NAME = {s.name: s for s in STAGES}
 
 

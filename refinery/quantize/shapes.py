@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from refinery.core.config import ConfigError
-from refinery.core.gguf_import import model_dir
+from refinery.core import gguf_import
 
 
 def quantizable_widths(model_dir: str | Path, trust_remote_code: bool = False) -> dict[str, int]:
@@ -85,7 +85,7 @@ def in_layers(widths: dict[str, int]) -> Callable[[str], bool]:
 def check_widths(cfg) -> None:
     """quantize.group_size against the student's layer widths, from its config.json alone."""
     student = cfg.models.student.path
-    where = model_dir(student) if student else model_dir(cfg.models.teacher)  # a derived student keeps widths
+    where = gguf_import.model_dir(student or cfg.models.teacher)  # a derived student keeps widths
     if where is None:  # not on this machine yet (a registry model not pulled, a hub name): checked at quantize
         return
     check_group_size(quantizable_widths(where, cfg.models.trust_remote_code), cfg.quantize.group_size)
