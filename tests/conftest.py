@@ -9,6 +9,28 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _restore_quiet_settings():
+    """An in-process `main()` sets the quiet env keys and library logger levels for its process
+    (core.proc.setup_logging); put them back so the next test starts from what it was given."""
+    import logging
+    import os
+
+    from refinery.core import proc
+
+    keys = ("REFINERY_VERBOSE", *proc.QUIET_ENV)
+    env = {k: os.environ.get(k) for k in keys}
+    levels = {n: logging.getLogger(n).level for n in proc.QUIET_LOGGERS}
+    yield
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     from refinery.core.models import smollm2_dir

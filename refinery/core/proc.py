@@ -20,8 +20,27 @@ QUIET_ENV = {"TORCH_LOGS": "-all", "VLLM_LOGGING_LEVEL": "WARNING", "TRANSFORMER
              "GPTQMODEL_DISABLE_GIL_WARNING": "1"}
 """Read by the libraries at import (and inherited by every child process): their warnings and
 banners off; errors still print."""
-QUIET_LOGGERS = ("torch", "torchao", "transformers", "vllm", "deepspeed", "ray", "datasets", "lm_eval", "lm-eval",
+QUIET_LOGGERS = ("torch", "torchao", "transformers", "vllm", "DeepSpeed", "deepspeed", "ray", "datasets", "lm_eval", "lm-eval",
                  "peft", "accelerate", "urllib3", "filelock", "httpx", "huggingface_hub")
+
+
+def child_env() -> dict[str, str]:
+    """What a child process we do not start by `subprocess` (a Ray actor, a Ray Train worker, a Tune
+    trial) must be given to act like this one: our import path and how much third-party output to show."""
+    keys = ("REFINERY_VERBOSE", *QUIET_ENV)
+    return {"PYTHONPATH": pythonpath(), **{k: os.environ[k] for k in keys if k in os.environ}}
+
+
+def quiet_logbar() -> None:
+    """GPTQModel's logger (LogBar) sets itself to INFO and prints a banner when first made; unless
+    -v, make it first, at WARNING. Call before anything imports gptqmodel."""
+    if verbose():
+        return
+    try:
+        from logbar import LogBar
+    except ImportError:  # a GPTQModel release without logbar: its banner prints
+        return
+    LogBar.shared().setLevel(logging.WARNING)
 
 
 def verbose() -> bool:

@@ -17,6 +17,8 @@ import os
 import shutil
 import tempfile
 
+from refinery.core.proc import child_env
+
 
 class PrivateRay:
     def __init__(self, num_cpus: int | None = None, prefix: str = "rayr-", temp_dir: str | None = None,
@@ -33,13 +35,13 @@ class PrivateRay:
             return ray
         address = self.address or (os.environ.get("RAY_ADDRESS") if self.join_env else None)
         if address:
-            ray.init(address=address, log_to_driver=self.log_to_driver)
+            ray.init(address=address, log_to_driver=self.log_to_driver, runtime_env={"env_vars": child_env()})
         else:
             tmp = self.temp_dir
             if tmp is None:
                 tmp = self._made_tmp = tempfile.mkdtemp(prefix=self.prefix, dir="/tmp")
             ray.init(address="local", num_cpus=self.num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                     _temp_dir=tmp, log_to_driver=self.log_to_driver)
+                     _temp_dir=tmp, log_to_driver=self.log_to_driver, runtime_env={"env_vars": child_env()})
         self.started = True
         return ray
 

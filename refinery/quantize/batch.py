@@ -59,7 +59,7 @@ from refinery.core.manifest import (
     write_csv,
     write_manifest,
 )
-from refinery.core.proc import pythonpath
+from refinery.core.proc import child_env
 from refinery.core.rayctl import PrivateRay, default_workers
 from refinery.core.weights import check_weights
 from refinery.quantize.config import QuantizeConfig
@@ -290,7 +290,7 @@ def run_jobs(jobs: list[dict], calib: list[dict], workers: int, on_record=None) 
 
     gpus = torch.cuda.device_count()
     threads = max((os.cpu_count() or 1) // workers, 1)  # torch threads per actor
-    env = {"PYTHONPATH": pythonpath()}
+    env = child_env()
     if "GPTQMODEL_CPU_WORKERS" in os.environ:
         env["GPTQMODEL_CPU_WORKERS"] = os.environ["GPTQMODEL_CPU_WORKERS"]
     with PrivateRay(prefix="rayq-") as ray:

@@ -181,10 +181,4 @@ def _gptq_env() -> None:
     # stalls; REFERENCE.md measured it working with 2. Read at import, so set before importing it.
     default = max(2, ((os.cpu_count() or 1) + 1) // 2)
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(default))
-    if not proc.verbose():  # its logger (LogBar) sets itself to INFO when first made: make it first, quieter
-        try:
-            from logbar import LogBar
-
-            LogBar.shared().setLevel(logging.WARNING)
-        except ImportError:  # another GPTQModel release without logbar: its banner prints
-            pass
+    proc.quiet_logbar()

@@ -12,6 +12,8 @@ import math
 from importlib import util
 from pathlib import Path
 
+from refinery.core import proc
+
 
 def load_quantized(path: str | Path, dtype: str | None = None, trust_remote_code: bool = False,
                    device: str = "cpu"):
@@ -20,6 +22,7 @@ def load_quantized(path: str | Path, dtype: str | None = None, trust_remote_code
     `dtype` defaults to the checkpoint's own (`bfloat16` for the stage's default); the packed
     4-bit weights stay packed and are dequantized by GPTQModel's kernel on the fly.
     """
+    proc.quiet_logbar()  # transformers imports gptqmodel to load it: its banner off unless -v
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from refinery.core.manifest import write_json
-from refinery.core.proc import pythonpath
+from refinery.core.proc import child_env
 from refinery.core.rayctl import PrivateRay
 from refinery.train.worker import main
 
@@ -43,7 +43,7 @@ def launch_ray(payload: dict, parallel, out: Path) -> dict:
         torch_config=TorchConfig(backend="nccl" if cuda else "gloo", timeout_s=parallel.timeout_s),
         run_config=RunConfig(name="distill", storage_path=str((out / "ray-train").resolve()),
                              failure_config=FailureConfig(max_failures=0),
-                             worker_runtime_env={"env_vars": {"PYTHONPATH": pythonpath()}}))
+                             worker_runtime_env={"env_vars": child_env()}))
     log.info("distill: Ray Train TorchTrainer with %d workers (%s)", parallel.nproc, "nccl" if cuda else "gloo")
     try:
         trainer.fit()

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 IMPORTS = """
 import logging
 from refinery.core.proc import setup_logging
@@ -17,6 +19,7 @@ _gptq_env()
 import gptqmodel  # its banner
 logging.getLogger("refinery").info("ours")
 """
+pytestmark = pytest.mark.integration
 TORCH_LOG_LINE = re.compile(r"^[WI]\d{4} ", re.M)  # torch's own log format: W1204 19:00:45.06 ...
 
 
@@ -35,3 +38,23 @@ def test_library_noise_is_off_by_default_and_on_with_verbose():
     assert "GPT-QModel" in loud and "GIL is enabled" in loud
     assert "GPT-QModel" not in quiet and "GIL" not in quiet, quiet
     assert "torchao" not in quiet and not TORCH_LOG_LINE.search(quiet), quiet
+
+
+def test_ray_actors_get_the_quiet_setting(monkeypatch):
+    """Ray actors are not our subprocesses: they get the setting through the runtime env (core.proc.child_env)."""
+    from refinery.core import proc
+    from refinery.core.rayctl import PrivateRay
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("REFINERY_VERBOSE", "0")
+    monkeypatch.setenv("TORCH_LOGS", "-all")
+    with PrivateRay(num_cpus=1, prefix="rayquiet-") as ray:
+        @ray.remote(num_cpus=0)
+        def env():
+            import os
+
+            return {k: os.environ.get(k) for k in ("REFINERY_VERBOSE", "TORCH_LOGS", "PYTHONPATH")}
+
+        got = ray.get(env.remote(), timeout=120)
+    assert got["REFINERY_VERBOSE"] == "0" and got["TORCH_LOGS"] == "-all"
+    assert got["PYTHONPATH"].split(os.pathsep)[0] == proc.ROOT
