@@ -161,3 +161,21 @@ def vllm_serves_gptq():
     why = vllm_refusal(4, torch.cuda.is_available())
     if why:
         pytest.skip(why)
+
+
+@pytest.fixture
+def two_hosts():
+    """Two simulated hosts (tests/hosts.py: network + UTS namespaces joined by one veth link, hostnames
+    node-0 and node-1, addresses only inside them), removed after the test; skips where they cannot be made."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hosts import Hosts, unavailable
+
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    hosts = Hosts(2)
+    yield hosts
+    hosts.close()

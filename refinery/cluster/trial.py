@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -93,6 +94,9 @@ def run_replicate(sweep, sweep_dir: Path, params: dict, k: int, base_seed: int, 
     env.update(_ray_address())  # distill.parallel.launcher=ray: the TorchTrainer joins the sweep's cluster
     t0 = time.time()
     with (run_dir / "trial.log").open("a") as log:
+        host = socket.gethostname()  # where this attempt runs: a retried trial may move to another node
+        log.write(f"[trial] {time.strftime('%H:%M:%S')} chain of {run_dir.name} starts on host {host}\n")
+        log.flush()
         # own process group: a raylet shutting down SIGKILLs its workers' groups at once (seen under
         # Slurm's requeue), which would kill the chain before it checkpoints; it still gets SIGTERM
         # from Slurm, from the trial (below) and when the trial process dies (PDEATHSIG)
@@ -116,7 +120,7 @@ def run_replicate(sweep, sweep_dir: Path, params: dict, k: int, base_seed: int, 
     if code != 0:
         tail = (run_dir / "trial.log").read_text()[-2000:]
         raise TrialFailed(f"trial run {run_dir} failed (exit {code}):\n{tail}")
-    return {**_read_objective(run_dir, sweep.objective), "wall_s": round(time.time() - t0, 1)}
+    return {**_read_objective(run_dir, sweep.objective), "wall_s": round(time.time() - t0, 1), "host": host}
 
 
 def run_trial(params: dict, sweep, sweep_dir: Path, base_seed: int, on_progress=None) -> dict:

@@ -48,7 +48,8 @@ def verbose() -> bool:
     return os.environ.get("REFINERY_VERBOSE") == "1"
 
 
-def setup_logging(level: int = logging.INFO, loud: bool = False) -> None:
+def setup_logging(level: int = logging.INFO, loud: bool = False,
+                  fmt: str = "%(asctime)s %(name)s %(message)s") -> None:
     """The one log format of our command-line entry points. Unless `loud` (-v): third-party
     libraries print errors only (their config dumps, banners and import warnings are off)."""
     if loud:
@@ -58,4 +59,4 @@ def setup_logging(level: int = logging.INFO, loud: bool = False) -> None:
             os.environ.setdefault(k, v)
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S")

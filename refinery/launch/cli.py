@@ -3,6 +3,7 @@
     refinery run configs/quickstart.yaml [dotted.key=value ...]
     refinery generate|teacher-logits|distill|quantize|evaluate|report CONFIG [overrides]
     refinery distill CONFIG --nproc 2 [distill.parallel.strategy=fsdp2]   # torchrun, N processes
+    refinery distill CONFIG --nnodes 2 --node-rank R [--nproc 2]         # on each node (train/nodes.py)
     refinery check CONFIG [overrides]        # validate only, print the resolved config
     refinery models list | pull NAME | import FILE.gguf [--name N]   # qwen2.5-coder-1.5b/-0.5b, any GGUF
     refinery sweep SWEEP.yaml [--address auto] | refinery sweep status SWEEP_DIR
@@ -75,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("run", "distill"):
             sp.add_argument("--nproc", type=int, default=None,
                             help="training processes (sets distill.parallel.nproc; strategy ddp unless set)")
+            sp.add_argument("--nnodes", type=int, default=None,
+                            help="nodes in the distill job (sets distill.parallel.nnodes; same command on each)")
+            sp.add_argument("--node-rank", type=int, default=None,
+                            help="this node's index: 0 runs the stage, others join it (default: SLURM_NODEID)")
         if name in MANY:
             add_options, run_many = MANY[name]
             add_options(sp)
@@ -100,11 +105,21 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = list(args.overrides)
     try:
-        if getattr(args, "nproc", None) is not None:
-            overrides.append(f"distill.parallel.nproc={args.nproc}")
-            if args.nproc > 1 and load(args.config, args.overrides).distill.parallel.strategy == "none":
-                overrides.append("distill.parallel.strategy=ddp")
+        for opt in ("nproc", "nnodes", "node_rank"):
+            if getattr(args, opt, None) is not None:
+                overrides.append(f"distill.parallel.{opt}={getattr(args, opt)}")
+        if (args.cmd in ("run", "distill") and (args.nproc or 1) * (args.nnodes or 1) > 1
+                and load(args.config, args.overrides).distill.parallel.strategy == "none"):
+            overrides.append("distill.parallel.strategy=ddp")
         cfg = load(args.config, overrides)
+        if args.cmd in ("run", "distill") and cfg.distill.parallel.nnodes > 1:
+            from refinery.train import nodes
+
+            if nodes.node_rank(cfg.distill.parallel) > 0:
+                if args.cmd == "run":
+                    raise UserError("refinery run goes on node 0 only; on the other nodes run `refinery distill "
+                                    "CONFIG --nnodes N --node-rank R` (it joins node 0's distill job)")
+                return nodes.join(cfg)
         from refinery.pipeline.preflight import preflight
 
         stages = (args.stages.split(",") if args.stages else None) if args.cmd == "run" else \

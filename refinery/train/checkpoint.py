@@ -171,6 +171,21 @@ def latest_checkpoint(root: Path, resume_key: str, max_step: int | None = None) 
     return None
 
 
+def check_visible(path: Path, world) -> None:
+    """Every rank must see the checkpoint rank 0 chose, its own files included: a node whose run_dir
+    is not the shared one would otherwise fail somewhere inside the load, or train from step 0."""
+    files = [_rank_file(n, world.rank, x) for n, x in (("adapter", "safetensors"), ("optimizer", "pt"), ("rng", "pt"))]
+    sees = (path / STATE).is_file() and all((path / f).is_file() for f in files)
+    blind = [float(r == world.rank and not sees) for r in range(world.size)]
+    ranks = [r for r, v in enumerate(world.sum(blind)) if v]
+    if ranks:
+        where = ", ".join(f"rank {r}" + (f" on {world.hosts[r]}" if world.hosts else "") for r in ranks)
+        raise RuntimeError(f"checkpoint {path} (chosen by rank 0{' on ' + world.hosts[0] if world.hosts else ''}) "
+                           f"is not visible to {where}: every node must see run_dir at the same path on a shared "
+                           "filesystem (NFS, Lustre, ...); checkpoints, the top-k cache and the sweep's trial dirs "
+                           "live there")
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, world=None) -> dict:
     """Restore this rank's weights, optimizer, scheduler and RNG from `path`; return its state.json."""
     from refinery.train.dist import World

@@ -82,12 +82,31 @@ class ParallelConfig:
     """torchrun: N processes on this node. ray: a Ray Train TorchTrainer with N workers on the Ray cluster
     (the address in RAY_ADDRESS, else a local Ray), e.g. inside sweep trials."""
 
+    nnodes: int = 1
+    """Nodes in the job (`--nnodes N`); for N > 1 every node runs the same command and torchrun's c10d
+    rendezvous joins them. run_dir must be on a filesystem every node sees at the same path."""
+    node_rank: int = -1
+    """This node's index (`--node-rank R`): 0 runs the stage, the others only join its workers.
+    -1: SLURM_NODEID, else NODE_RANK from the environment."""
+    rdzv_endpoint: str = ""
+    """HOST:PORT of the rendezvous (node 0 hosts it). Empty: the first host of the Slurm allocation
+    (port 29400), else MASTER_ADDR[:MASTER_PORT]."""
+    interface: str = ""
+    """Network interface for gloo/NCCL traffic between nodes (e.g. eth0, ib0), under torchrun (also this
+    node's rendezvous address) and Ray Train alike. Empty: the libraries' defaults, which go by the
+    hostname: where it resolves to a loopback address, ranks on other nodes cannot connect."""
+
     def __post_init__(self):
         check(self.nproc >= 1, "nproc", self.nproc, "an integer >= 1")
+        check(self.nnodes >= 1, "nnodes", self.nnodes, "an integer >= 1")
+        check(-1 <= self.node_rank < self.nnodes, "node_rank", self.node_rank,
+              f"-1 (from Slurm or NODE_RANK) or 0..{self.nnodes - 1}")
+        check(self.nnodes == 1 or self.launcher == "torchrun", "launcher", self.launcher,
+              "torchrun when nnodes > 1 (with launcher=ray, Ray places the workers on its nodes itself)")
         check(self.zero_stage in (2, 3), "zero_stage", self.zero_stage, "2 or 3")
         check(self.timeout_s >= 10, "timeout_s", self.timeout_s, "an integer >= 10 (seconds)")
-        check(self.nproc == 1 or self.strategy != "none", "strategy", self.strategy,
-              f"ddp, fsdp2 or deepspeed when nproc={self.nproc} > 1")
+        check(self.nproc * self.nnodes == 1 or self.strategy != "none", "strategy", self.strategy,
+              f"ddp, fsdp2 or deepspeed when nproc={self.nproc} x nnodes={self.nnodes} > 1")
 
 
 @dataclass

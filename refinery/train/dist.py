@@ -2,8 +2,8 @@
 
     refinery distill CONFIG --nproc 2 distill.parallel.strategy=fsdp2
 
-The parent process writes `distill/launch.json` and runs `torchrun --standalone` on
-`refinery.train.worker`; each worker joins the process group (NCCL with CUDA, else gloo),
+The parent process writes `distill/launch.json` and runs torchrun (`--standalone`, or the c10d
+rendezvous of refinery/train/nodes.py across nodes) on `refinery.train.worker`; each worker joins the process group (NCCL with CUDA, else gloo),
 checks that the group really has `nproc` ranks (a rank that silently trains alone is the
 classic failure of launchers on CPU), and trains its share of every batch. Rank 0 writes
 metrics, the manifest inputs and the adapter; every rank writes its shard of a checkpoint.
@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
+import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from refinery.core.proc import pythonpath
 
 log = logging.getLogger("refinery.train")
 
@@ -36,6 +36,8 @@ class World:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     strategy: str = "none"
+    hosts: list[str] = field(default_factory=list)
+    """Each rank's hostname, by rank (filled when distributed; shows where a job's ranks ran)."""
 
     @property
     def main(self) -> bool:
@@ -84,9 +86,9 @@ def init(parallel) -> World:
         raise RuntimeError(f"distill.parallel.strategy={parallel.strategy} needs the processes torchrun starts: "
                            "use `refinery distill CONFIG --nproc N` (or run refinery.train.worker under torchrun)")
     env_size, rank, local = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if env_size != parallel.nproc:
-        raise RuntimeError(f"torchrun started {env_size} processes but distill.parallel.nproc={parallel.nproc}; "
-                           "launch with --nproc matching the config")
+    if env_size != parallel.nproc * parallel.nnodes:
+        raise RuntimeError(f"torchrun started {env_size} processes but distill.parallel.nproc={parallel.nproc} x "
+                           f"nnodes={parallel.nnodes}; launch with --nproc and --nnodes matching the config")
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
     dev = cuda_device(local) if cuda else torch.device("cpu")
@@ -97,7 +99,9 @@ def init(parallel) -> World:
     if size != env_size or dist.get_rank() != rank:
         raise RuntimeError(f"process group has {size} ranks (this is rank {dist.get_rank()}) but torchrun set "
                            f"WORLD_SIZE={env_size} RANK={rank}: the ranks would train independently")
-    return World(rank, size, local, dev, parallel.strategy)
+    hosts: list[str] = [""] * size
+    dist.all_gather_object(hosts, socket.gethostname())
+    return World(rank, size, local, dev, parallel.strategy, hosts)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -150,47 +154,37 @@ def wrap_student(model: torch.nn.Module, world: World) -> torch.nn.Module:
     return model
 
 
-def launch(payload: dict, nproc: int, out: Path) -> dict:
-    """Run the distill workers under torchrun and return rank 0's result (raises if any rank failed)."""
+def launch(payload: dict, parallel, out: Path) -> dict:
+    """Run the distill workers under torchrun and return rank 0's result (raises if any rank failed).
+    With nnodes > 1 this is node 0: it hosts the rendezvous that the other nodes join (train/nodes.py)."""
     from refinery.core.manifest import write_json
+    from refinery.train import nodes
 
     spec = out / "launch.json"
     write_json(spec, payload)
     result = out / "result.json"
     result.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": pythonpath()}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "--max-restarts", "0", "-m", "refinery.train.worker", str(spec)]
-    log.info("distill: launching %d processes: %s", nproc, " ".join(cmd))
-    code, signum = _run_forwarding_signals(cmd, env)
+    where = f" ({parallel.nproc} on each of {parallel.nnodes} nodes)" if parallel.nnodes > 1 else ""
+    many = parallel.nproc * parallel.nnodes
+    started = time.time()
+    if parallel.nnodes > 1:
+        nodes.mark(out, 0)
+    code, signum = nodes.agent(parallel, spec, f"distill: launching {many} processes{where}")
     if signum:
         from refinery.train.preempt import Preempted
 
         raise Preempted(-1, signum)
     if code != 0 or not result.is_file():
-        raise RuntimeError(f"distill: the {nproc} training processes failed (torchrun exit code {code}); see the "
+        gone = nodes.missing(out, parallel.nnodes, started, parallel.timeout_s) if parallel.nnodes > 1 else []
+        if gone:
+            raise RuntimeError(
+                f"distill: node(s) {', '.join(map(str, gone))} of {parallel.nnodes} never joined the rendezvous at "
+                f"{nodes.endpoint(parallel)} within {parallel.timeout_s} s: start `refinery distill CONFIG --nnodes "
+                f"{parallel.nnodes} --node-rank R` on each (same config; run_dir on a filesystem every node sees), "
+                "and check that the endpoint is reachable from them")
+        raise RuntimeError(f"distill: the {many} training processes{where} failed (torchrun exit code {code}); see the "
                            f"log above. Completed checkpoints in {out / 'checkpoints'} are kept: rerun the same "
                            "command to resume from the last one")
     data = json.loads(result.read_text())
     result.unlink()
     return data
-
-
-def _run_forwarding_signals(cmd: list[str], env: dict) -> tuple[int, int | None]:
-    """Run torchrun; a SIGTERM/SIGUSR1 to this process is passed on as SIGTERM (torchrun hands it to
-    the workers, which checkpoint and stop). Returns (exit code, the signal received or None)."""
-    import signal
-
-    from refinery.train.preempt import on_signals
-
-    proc = subprocess.Popen(cmd, env=env)
-    got: list[int] = []
-
-    def forward(signum, frame):
-        got.append(signum)
-        proc.send_signal(signal.SIGTERM)
-
-    with on_signals(forward):
-        code = proc.wait()
-    return code, (got[0] if got else None)

@@ -22,5 +22,5 @@ def run(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) -> R
     if cfg.parallel.launcher == "ray":
         got = launch_ray(payload, cfg.parallel, ctx.stage_dir("distill"))
     else:
-        got = dist.launch(payload, cfg.parallel.nproc, ctx.stage_dir("distill"))
+        got = dist.launch(payload, cfg.parallel, ctx.stage_dir("distill"))
     return Result(got["metrics"], got["outputs"])

@@ -15,6 +15,7 @@ from pathlib import Path
 from refinery.core.manifest import write_json
 from refinery.core.proc import child_env
 from refinery.core.rayctl import PrivateRay
+from refinery.train.nodes import interface_env
 from refinery.train.worker import main
 
 log = logging.getLogger("refinery.train")
@@ -43,7 +44,7 @@ def launch_ray(payload: dict, parallel, out: Path) -> dict:
         torch_config=TorchConfig(backend="nccl" if cuda else "gloo", timeout_s=parallel.timeout_s),
         run_config=RunConfig(name="distill", storage_path=str((out / "ray-train").resolve()),
                              failure_config=FailureConfig(max_failures=0),
-                             worker_runtime_env={"env_vars": child_env()}))
+                             worker_runtime_env={"env_vars": {**child_env(), **interface_env(parallel)}}))
     log.info("distill: Ray Train TorchTrainer with %d workers (%s)", parallel.nproc, "nccl" if cuda else "gloo")
     try:
         trainer.fit()

@@ -235,6 +235,8 @@ def _resume(s: Setup, cfg: DistillConfig, out: Path) -> int:
         torch.distributed.broadcast_object_list(latest, src=0)
     start = 0
     if latest[0] is not None:
+        if s.world.size > 1:
+            ckpt.check_visible(latest[0], s.world)
         state = ckpt.load_checkpoint(latest[0], s.model, s.optimizer, s.scheduler, s.world)
         start = state["step"]
         log.info("distill: resumed from %s (step %d of %d)", latest[0], start, cfg.steps)
@@ -311,6 +313,8 @@ def train(ctx: Context, cfg: DistillConfig, *, stop_after: int | None = None) ->
     rows = read_jsonl(out / "metrics.jsonl")
     metrics = _summary(rows, s, cfg, time.time() - t_start) if rows else {"steps": 0}
     metrics.update(world_size=s.world.size, strategy=s.world.strategy)
+    if s.world.hosts:  # where each rank ran (several hosts: a multi-node job)
+        metrics["hosts"] = s.world.hosts
     if end < cfg.steps:
         return Result({**metrics, "stopped_at": end}, ["metrics.jsonl", "checkpoints"])
     full = cfg.qat.enabled and cfg.qat.full_finetune

@@ -7,22 +7,28 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
 from refinery.core.config import build
 from refinery.core.manifest import write_json
 from refinery.core.models import ModelsConfig
+from refinery.core.proc import quiet_logbar, setup_logging
 from refinery.core.stage import Context
 from refinery.core.tasks import TasksConfig
 from refinery.train.config import DistillConfig
-from refinery.train.trainer import train
 
 
 def main(spec_path: str) -> int:
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging(logging.INFO if rank == 0 else logging.WARNING, fmt=f"%(asctime)s [rank {rank}] %(name)s %(message)s")
+    quiet_logbar()  # before the trainer's imports bring in GPTQModel (its banner)
+    from refinery.train.trainer import train
+
+    if not Path(spec_path).is_file():  # written by node 0 before any worker starts
+        raise SystemExit(f"distill rank {rank} on {socket.gethostname()}: cannot see {spec_path}, which node 0 wrote: "
+                         "every node must see run_dir at the same path (a shared filesystem: NFS, Lustre, ...)")
     spec = json.loads(Path(spec_path).read_text())
     ctx = Context(Path(spec["run_dir"]), spec["seed"], build(ModelsConfig, spec["models"]),
                   build(TasksConfig, spec["tasks"]), {k: Path(v) for k, v in spec.get("dirs", {}).items()})

@@ -104,7 +104,11 @@ def _choice_logliks(student: str, adapter: Path | None, n_items: int = 12) -> li
 # adapter 3.1%); the whole-run comparison keeps ZeRO-3, the stricter of the two, for suite time.
 @pytest.mark.parametrize("name", ["ddp", "fsdp2", "zero3", "ray"])
 def test_two_processes_train_like_one(runs, name, tiny_student):
-    one, two = runs["single"], runs[name]
+    _same_training(runs["single"], runs[name], name, tiny_student)
+
+
+def _same_training(one: Path, two: Path, name: str, tiny_student: str) -> None:
+    """Run `two` (2 ranks) trained like `one` within TOL[name]: losses, adapter, held-out log-likelihoods."""
     tol_loss, tol_w, tol_ll = TOL[name]
     m = read_manifest(two)["metrics"]
     strategy = {"zero3": "deepspeed", "ray": "ddp"}.get(name, name)
@@ -207,3 +211,72 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank(runs, tmp_path, tiny_tea
     _cli(cfg, *ARGS["ddp"], log=tmp_path / "term2.log")
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["loss"] for r in rows] == [r["loss"] for r in read_jsonl(runs["ddp"] / "metrics.jsonl")]
+
+
+def _on_hosts(hosts, cfg: Path, tmp: Path, args: list[str], ranks=(0, 1), private: dict | None = None
+              ) -> dict[int, tuple[int, str]]:
+    """`refinery distill CFG --nnodes 2 --node-rank R ARGS` on each host of `ranks`; {rank: (exit code, log)}.
+    `private`: {rank: [dirs that host does not share]}."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for r in ranks:
+        cmd = [sys.executable, "-m", "refinery.launch.cli", "distill", str(cfg), "--nnodes", "2", "--node-rank",
+               str(r), f"distill.parallel.rdzv_endpoint={hosts.addr[0]}:29400",
+               f"distill.parallel.interface={hosts.IFACE}", *args]
+        procs[r] = hosts.start(r, cmd, tmp / f"node-{r}.log", env, (private or {}).get(r, []))
+    return {r: (p.wait(timeout=600), (tmp / f"node-{r}.log").read_text()) for r, p in procs.items()}
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp2"])
+def test_two_nodes_train_like_one(runs, name, two_hosts, tmp_path, tiny_teacher, tiny_student, write_train_data):
+    """One rank on each of two simulated hosts (own address and hostname, gloo over the veth link,
+    run_dir on the filesystem both see) trains like the 2-process run on one host."""
+    cfg = _setup(tmp_path, "nodes", tiny_teacher, tiny_student, write_train_data)
+    got = _on_hosts(two_hosts, cfg, tmp_path, ["--nproc", "1", f"distill.parallel.strategy={name}"])
+    for r, (code, log) in got.items():
+        assert code == 0, f"node {r}:\n{log[-3000:]}"
+    assert "node 1 of 2 joins" in got[1][1]
+    assert read_jsonl(tmp_path / "nodes" / "distill" / "metrics.jsonl")[0]["tokens"] > 0
+    _same_training(runs[name], tmp_path / "nodes" / "distill", name, tiny_student)
+
+
+def test_a_node_that_never_joins_fails_the_job_by_name(two_hosts, tmp_path, tiny_teacher, tiny_student,
+                                                      write_train_data):
+    cfg = _setup(tmp_path, "alone", tiny_teacher, tiny_student, write_train_data)
+    started = time.time()
+    code, log = _on_hosts(two_hosts, cfg, tmp_path, ["--nproc", "1", "distill.parallel.timeout_s=15"], ranks=(0,))[0]
+    assert code != 0 and time.time() - started < 120, log[-3000:]
+    assert "node(s) 1 of 2 never joined the rendezvous at 10.231.7.1:29400 within 15 s" in log, log[-3000:]
+    assert not (tmp_path / "alone" / "distill" / "manifest.json").exists()
+
+
+def test_a_node_that_cannot_see_the_checkpoints_is_refused_by_name(runs, two_hosts, tmp_path, tiny_teacher,
+                                                                  tiny_student, write_train_data):
+    """Resuming a 2-rank run where node 1's checkpoints dir is not the shared one (an empty dir of its
+    own): every rank stops with the rank and host that cannot see rank 0's checkpoint."""
+    import shutil
+
+    cfg = _setup(tmp_path, "blind", tiny_teacher, tiny_student, write_train_data)
+    out = tmp_path / "blind" / "distill"
+    shutil.copytree(runs["ddp"], out)
+    (out / "manifest.json").unlink()  # not complete: the stage resumes from the newest checkpoint
+    got = _on_hosts(two_hosts, cfg, tmp_path, ["--nproc", "1"], private={1: [out / "checkpoints"]})
+    assert got[0][0] != 0 and got[1][0] != 0
+    assert f"checkpoint {out / 'checkpoints' / f'step-{STEPS:06d}'} (chosen by rank 0 on node-0) is not visible to " \
+           "rank 1 on node-1" in got[0][1] + got[1][1], got[0][1][-3000:]
+    assert not (out / "manifest.json").exists()
+
+
+def test_ray_train_workers_span_two_nodes(runs, two_hosts, tmp_path, tiny_teacher, tiny_student, write_train_data):
+    """distill.parallel.launcher=ray on a 2-node Ray cluster of 1 CPU per node: Ray Train puts one worker on
+    each node (gloo over the link between them), and it trains like the 2-worker run on one host."""
+    cfg = _setup(tmp_path, "span", tiny_teacher, tiny_student, write_train_data)
+    ray_env = two_hosts.start_ray(tmp_path, cpus=1)
+    env = {**os.environ, **ray_env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "span.log"
+    proc = two_hosts.start(0, [sys.executable, "-m", "refinery.launch.cli", "distill", str(cfg), *ARGS["ray"],
+                               f"distill.parallel.interface={two_hosts.IFACE}"], log, env)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    out = tmp_path / "span" / "distill"
+    assert sorted(read_manifest(out)["metrics"]["hosts"]) == ["node-0", "node-1"]
+    _same_training(runs["ray"], out, "ray", tiny_student)

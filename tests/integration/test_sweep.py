@@ -161,3 +161,46 @@ def test_sigterm_stops_the_sweep_cleanly_and_the_rerun_finishes(tmp_path, tiny_s
     assert len(list((sweep_dir / "results").glob("*.json"))) == 2
     for run in (sweep_dir / "runs").iterdir():
         assert [r["step"] for r in read_jsonl(run / "distill" / "metrics.jsonl")] == list(range(1, 7))
+
+
+def test_sweep_on_two_nodes_survives_the_death_of_one(tmp_path, tiny_sweep, two_hosts):
+    """`refinery sweep --address` on a 2-node Ray cluster (simulated hosts node-0, node-1; 1 CPU each,
+    Tune's storage and the trial dirs on the path both see): the two trials run one on each node. Node 1
+    dies mid-distill (every process on it SIGKILLed): Tune retries its trial on node 0, which resumes from
+    the last checkpoint on the shared path; nothing finished re-runs, no step is trained twice."""
+    cfg, sweep_dir = tiny_sweep
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["distill"].update(steps=12, checkpoint_every=2)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = yaml.safe_load(cfg.read_text())
+    sweep.update(num_samples=2, max_concurrent=2, cpus_per_trial=1)
+    cfg.write_text(yaml.safe_dump(sweep))
+    ray_env = two_hosts.start_ray(tmp_path, cpus=1)
+    env = {**os.environ, **ray_env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "driver.log"
+    driver = two_hosts.start(0, [sys.executable, "-m", "refinery.launch.cli", "sweep", str(cfg), "--address",
+                                 ray_env["RAY_ADDRESS"]], log, env)
+    victim, deadline = None, time.time() + 900
+    while victim is None and time.time() < deadline and driver.poll() is None:
+        for run in (sweep_dir / "runs").glob("*") if (sweep_dir / "runs").is_dir() else []:
+            on_1 = (run / "trial.log").is_file() and "starts on host node-1" in (run / "trial.log").read_text()
+            if on_1 and list((run / "distill" / "checkpoints").glob("step-*")) and \
+                    not (run / "distill" / "manifest.json").exists():
+                victim = run
+        time.sleep(0.2)
+    assert victim is not None, log.read_text()[-3000:]
+    assert two_hosts.kill(1) > 0  # node 1 dies: its raylet, its trial actor and that trial's chain
+    assert driver.wait(timeout=1200) == 0, log.read_text()[-3000:]
+
+    results = [json.loads(p.read_text()) for p in (sweep_dir / "results").glob("*.json")]
+    assert len(results) == 2
+    starts = {run.name: [line.split()[-1] for line in (run / "trial.log").read_text().splitlines()
+                         if "starts on host" in line] for run in (sweep_dir / "runs").iterdir()}
+    assert starts[victim.name] == ["node-1", "node-0"], starts  # retried on the node that remains
+    other = next(name for name in starts if name != victim.name)
+    assert starts[other] == ["node-0"], starts  # the trial on node 0 ran once: nothing finished re-ran
+    assert "resumed from" in (victim / "trial.log").read_text()
+    for run in (sweep_dir / "runs").iterdir():  # every step trained once
+        assert [r["step"] for r in read_jsonl(run / "distill" / "metrics.jsonl")] == list(range(1, 13))
+    assert {r["replicates"][0]["host"] for r in results} == {"node-0"}
+    assert (sweep_dir / "tune" / "sweep").is_dir()  # Tune's state on the shared path
