@@ -29,7 +29,11 @@ class Hosts:
         self.names = [f"rfn-{tag}-{i}" for i in range(n)]
         self.addr = [f"{SUBNET}.{i + 1}" for i in range(n)]
         self.procs: list[subprocess.Popen] = []
-        self.temps: list[str] = []
+        self.temps: list[str] = [f"/tmp/rfn-{tag}-etc"]
+        # each host's /etc/hosts names every host, as a cluster's DNS would (bind-mounted on the hosts only)
+        os.makedirs(self.temps[0])
+        self.etc_hosts = Path(self.temps[0]) / "hosts"
+        self.etc_hosts.write_text("127.0.0.1 localhost\n" + "".join(f"{a} node-{i}\n" for i, a in enumerate(self.addr)))
         made = []
         try:
             for ns in self.names:
@@ -46,17 +50,21 @@ class Hosts:
                 _ip("-n", ns, "link", "set", self.IFACE, "up")
         except BaseException:
             for ns in made:
-                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+            shutil.rmtree(self.temps[0], ignore_errors=True)
             raise
 
-    def start(self, i: int, cmd: list[str], log: Path, env: dict, private: list[Path] = ()) -> subprocess.Popen:
-        """Run `cmd` on host i (its namespace, hostname node-i), output to `log`. Each dir in `private`
-        is hidden behind an empty tmpfs on this host only (a path the hosts do not share)."""
-        mounts = "".join(f"mount -t tmpfs tmpfs {shlex.quote(str(d))} && " for d in private)
-        wrapped = ["ip", "netns", "exec", self.names[i], "unshare", "--uts", "--mount", "sh", "-c",
-                   f'hostname node-{i} && {mounts}exec "$@"', "sh", *cmd]
+    def start(self, i: int, cmd: list[str], log: Path, env: dict, private: list[Path] = (),
+              cwd: Path | None = None) -> subprocess.Popen:
+        """Run `cmd` on host i (its namespace, hostname node-i, /etc/hosts naming every host), output to
+        `log`. Each dir in `private` is an empty tmpfs of this host's own (a path the hosts do not share,
+        such as a node's /tmp/ray)."""
+        mounts = "".join(f"mkdir -p {q} && mount -t tmpfs tmpfs {q} && " for q in map(shlex.quote, map(str, private)))
+        # nsenter, not `ip netns exec`: that remounts /sys, and slurmd then finds no /sys/fs/cgroup
+        wrapped = ["nsenter", f"--net=/run/netns/{self.names[i]}", "unshare", "--uts", "--mount", "sh", "-c",
+                   f'hostname node-{i} && mount --bind {self.etc_hosts} /etc/hosts && {mounts}exec "$@"', "sh", *cmd]
         proc = subprocess.Popen(wrapped, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, text=True,
-                                start_new_session=True)
+                                start_new_session=True, cwd=cwd)
         self.procs.append(proc)
         return proc
 
@@ -131,8 +139,8 @@ def _wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float, logs
 
 def unavailable() -> str:
     """Why simulated hosts cannot be made here ('' when they can)."""
-    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("unshare"):
-        return "needs root, iproute2 and unshare to make network/UTS namespaces"
+    if os.geteuid() != 0 or not all(shutil.which(b) for b in ("ip", "unshare", "nsenter")):
+        return "needs root, iproute2, unshare and nsenter to make network/UTS/mount namespaces"
     try:
         Hosts(2).close()
     except subprocess.CalledProcessError as e:

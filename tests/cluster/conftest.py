@@ -33,3 +33,15 @@ def slurm_cluster():
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = old
+
+
+@pytest.fixture
+def two_node_slurm(two_hosts, tmp_path):
+    """A real Slurm over two simulated hosts: slurmctld + slurmd node-0 on one, slurmd node-1 on the other."""
+    why = slurm_fixture.missing()
+    if why:
+        pytest.skip(why)
+    (tmp_path / "slurm").mkdir()
+    cluster = slurm_fixture.start_on_hosts(tmp_path / "slurm", two_hosts)
+    yield cluster
+    cluster.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -227,3 +228,72 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone for our purpose
     except (FileNotFoundError, IndexError):
         return False
+
+
+@dataclass
+class HostsCluster(Cluster):
+    """A Slurm cluster over simulated hosts (tests/hosts.py): slurmctld and one slurmd on host 0, one slurmd
+    on each other host, each node with its own hostname and address. Client commands run on host 0."""
+
+    hosts: object = None
+
+    def run(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.hosts.names[0], *args], env=self.env, capture_output=True,
+                              text=True, check=check, timeout=timeout)
+
+    def stop(self) -> None:
+        """Cancel the jobs, then the daemons die with their hosts (Hosts.close); delete the temp dir."""
+        self.run("scancel", "--full", "--partition", self.partition, check=False)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
+            time.sleep(0.5)
+        for proc in self.pids.values():
+            _terminate(proc)
+        if "munged" in self.pids:  # started here: not one of the hosts' processes
+            _terminate(self.pids.pop("munged"))
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def start_on_hosts(root: Path, hosts, cpus: int = 1, timeout: float = 60) -> HostsCluster:
+    """slurmctld on host 0 and a slurmd named node-i on each host i (`cpus` CPUs each), in the foreground
+    under the hosts' process tracking; every node's /tmp/ray is its own, as on real nodes. Waits until
+    every node is idle."""
+    root = Path(root)
+    names = [f"node-{i}" for i in range(len(hosts.names))]
+    c = HostsCluster(root=root, conf=root / "slurm.conf", node=names[0], cpus=cpus, hosts=hosts)
+    try:
+        munged = _ensure_munged(timeout)
+        if munged:
+            c.pids["munged"] = munged
+        _write_conf(c)  # then the parts that differ from one node on localhost
+        text = c.conf.read_text().split("NodeName=")[0]
+        text = re.sub(r"SlurmctldHost=.*", f"SlurmctldHost={names[0]}({hosts.addr[0]})", text)
+        text = re.sub(r"SlurmctldPort=.*", "SlurmctldPort=6817", re.sub(r"SlurmdPort=.*", "SlurmdPort=6818", text))
+        for key in ("SlurmdSpoolDir", "SlurmdPidFile", "SlurmdLogFile"):  # one per node: %n is the node name
+            text = re.sub(rf"{key}=(\S+?)(\.\w+)?$", lambda m: f"{key}={m.group(1)}-%n{m.group(2) or ''}", text,
+                          flags=re.M)
+        text += "".join(f"NodeName={n} NodeAddr={a} CPUs={cpus} State=UNKNOWN\n" for n, a in zip(names, hosts.addr))
+        text += f"PartitionName={c.partition} Nodes={','.join(names)} Default=YES MaxTime=INFINITE State=UP\n"
+        c.conf.write_text(text)
+        for n in names:
+            (root / f"spool-{n}").mkdir()
+        env = c.env
+        logs = root / "log"
+        c.pids["slurmctld"] = hosts.start(0, ["slurmctld", "-D", "-c", "-i", "-f", str(c.conf)],
+                                          logs / "slurmctld.out", env).pid
+        for i, n in enumerate(names):
+            c.pids[f"slurmd-{n}"] = hosts.start(i, ["slurmd", "-D", "-c", "-N", n, "-f", str(c.conf)],
+                                                logs / f"slurmd-{n}.out", env, private=[Path("/tmp/ray")]).pid
+        deadline = time.monotonic() + timeout
+        states = ""
+        while time.monotonic() < deadline:
+            states = c.run("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout
+            if sorted(states.split()) == sorted([*names, *["idle"] * len(names)]):
+                return c
+            time.sleep(0.5)
+        raise RuntimeError(f"nodes not idle after {timeout:.0f} s (sinfo: {states!r});\n"
+                           f"slurmctld log:\n{c.log()[-2000:]}\n" +
+                           "".join(f"{p}:\n{p.read_text(errors='replace')[-1500:]}\n" for p in logs.glob("*")))
+    except BaseException:
+        c.stop()
+        raise

@@ -227,12 +227,12 @@ def _on_hosts(hosts, cfg: Path, tmp: Path, args: list[str], ranks=(0, 1), privat
     return {r: (p.wait(timeout=600), (tmp / f"node-{r}.log").read_text()) for r, p in procs.items()}
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "zero3"])
 def test_two_nodes_train_like_one(runs, name, two_hosts, tmp_path, tiny_teacher, tiny_student, write_train_data):
     """One rank on each of two simulated hosts (own address and hostname, gloo over the veth link,
     run_dir on the filesystem both see) trains like the 2-process run on one host."""
     cfg = _setup(tmp_path, "nodes", tiny_teacher, tiny_student, write_train_data)
-    got = _on_hosts(two_hosts, cfg, tmp_path, ["--nproc", "1", f"distill.parallel.strategy={name}"])
+    got = _on_hosts(two_hosts, cfg, tmp_path, ["--nproc", "1", *ARGS[name][2:]])
     for r, (code, log) in got.items():
         assert code == 0, f"node {r}:\n{log[-3000:]}"
     assert "node 1 of 2 joins" in got[1][1]
