@@ -90,6 +90,8 @@ class SweepConfig:
     """The pipeline YAML every trial starts from (e.g. configs/quickstart.yaml)."""
     space: dict[str, Param]
     sweep_dir: str = "runs/sweep"
+    """Trial run dirs, Tune's state (`tune/`), results. On a cluster: a path every node sees at the same
+    path (a trial retried on another node resumes from its checkpoints there): docs/multinode.md."""
     overrides: list[str] = field(default_factory=list)
     """Dotted overrides applied to the base config of every trial (before the trial's own values)."""
     num_samples: int = 6

@@ -22,7 +22,9 @@ class PipelineConfig:
     """A refinery run: where outputs go, the models, the tasks and each stage's settings."""
 
     run_dir: str = "runs/quickstart"
-    """Every stage writes `<run_dir>/<stage>/` with a manifest.json."""
+    """Every stage writes `<run_dir>/<stage>/` with a manifest.json. A distill job over several nodes
+    needs it on a filesystem every node sees at the same path (checkpoints, top-k cache, adapter):
+    docs/multinode.md."""
     seed: int = 0
     models: ModelsConfig = field(default_factory=ModelsConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
