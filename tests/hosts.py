@@ -49,6 +49,7 @@ class Hosts:
                 _ip("-n", ns, "addr", "add", f"{a}/24", "dev", self.IFACE)
                 _ip("-n", ns, "link", "set", self.IFACE, "up")
         except BaseException:
+            subprocess.run(["ip", "link", "del", self.IFACE + tag], capture_output=True, check=False)  # if not moved
             for ns in made:
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
             shutil.rmtree(self.temps[0], ignore_errors=True)
@@ -63,8 +64,9 @@ class Hosts:
         # nsenter, not `ip netns exec`: that remounts /sys, and slurmd then finds no /sys/fs/cgroup
         wrapped = ["nsenter", f"--net=/run/netns/{self.names[i]}", "unshare", "--uts", "--mount", "sh", "-c",
                    f'hostname node-{i} && mount --bind {self.etc_hosts} /etc/hosts && {mounts}exec "$@"', "sh", *cmd]
-        proc = subprocess.Popen(wrapped, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, text=True,
-                                start_new_session=True, cwd=cwd)
+        with log.open("w") as out:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(wrapped, stdout=out, stderr=subprocess.STDOUT, env=env, text=True,
+                                    start_new_session=True, cwd=cwd)
         self.procs.append(proc)
         return proc
 
@@ -109,19 +111,21 @@ class Hosts:
         return {**{k: v for k, v in env.items() if k.startswith("RAY_")}, "RAY_ADDRESS": address}
 
     def close(self) -> None:
-        for i in range(len(self.names)):  # every process on the hosts, also those Ray started
-            self.kill(i)
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, 9)
-                except ProcessLookupError:
-                    pass
-            proc.wait(timeout=30)
-        for ns in self.names:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-        for temp in self.temps:
-            shutil.rmtree(temp, ignore_errors=True)
+        try:
+            for i in range(len(self.names)):  # every process on the hosts, also those Ray started
+                self.kill(i)
+            for proc in self.procs:
+                if proc.poll() is None:
+                    try:
+                        os.killpg(proc.pid, 9)
+                    except ProcessLookupError:
+                        pass
+                proc.wait(timeout=30)
+        finally:
+            for ns in self.names:
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+            for temp in self.temps:
+                shutil.rmtree(temp, ignore_errors=True)
 
 
 def _wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float, logs: list[Path]) -> None:

@@ -81,12 +81,14 @@ def _space(sweep: SweepConfig) -> dict:
     return {k: make[p.type](p) for k, p in sweep.space.items()}
 
 
-def _trainable(config: dict, sweep: SweepConfig, sweep_dir: str, base_seed: int) -> None:
+def _trainable(config: dict, sweep: SweepConfig, sweep_dir: str, base_seed: int, cwd: str) -> None:
     from ray import tune
 
     from refinery.cluster.trial import distill_losses, run_trial
 
-    os.chdir(os.environ.get("REFINERY_SWEEP_CWD", os.getcwd()))  # relative paths in the configs
+    # relative paths in the configs are the driver's: a trial actor on another node (a Ray cluster we
+    # did not start) has its raylet's cwd and environment, not the driver's
+    os.chdir(cwd)
     progress = None
     if sweep.scheduler == "asha":  # intermediate results for early stopping: mean distill loss per window
         every, sent = sweep.asha.report_every, [0]
@@ -152,7 +154,6 @@ def run_sweep(path: str, overrides: list[str] = (), address: str | None = None) 
         if stop_orphans(sweep_dir) or (address is None and stop_ray_orphans(sweep_dir)):
             log.info("sweep: stopped processes a previous driver left behind")
         shared_generate(sweep, sweep_dir)
-        os.environ["REFINERY_SWEEP_CWD"] = os.getcwd()
         if not address:
             # Ray workers SIGKILL their children when they exit; a trial's chain must instead get the
             # SIGTERM and checkpoint (it dies with its parent anyway: PDEATHSIG).
@@ -163,7 +164,8 @@ def run_sweep(path: str, overrides: list[str] = (), address: str | None = None) 
         private.start()
         try:
             trainable = tune.with_resources(
-                tune.with_parameters(_trainable, sweep=sweep, sweep_dir=str(sweep_dir), base_seed=base_seed),
+                tune.with_parameters(_trainable, sweep=sweep, sweep_dir=str(sweep_dir), base_seed=base_seed,
+                                     cwd=os.getcwd()),
                 resources)
             storage = str(sweep_dir / "tune")
             if tune.Tuner.can_restore(os.path.join(storage, "sweep")):

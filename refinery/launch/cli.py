@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from refinery.core.config import ConfigError, UserError, parse_with_overrides, to_dict
 from refinery.core.proc import setup_logging
@@ -88,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     args = parse_with_overrides(parser, argv)  # overrides may also follow the options
@@ -103,23 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             return args.many(args)
     from refinery.pipeline.config import load
 
-    overrides = list(args.overrides)
     try:
-        for opt in ("nproc", "nnodes", "node_rank"):
-            if getattr(args, opt, None) is not None:
-                overrides.append(f"distill.parallel.{opt}={getattr(args, opt)}")
-        if (args.cmd in ("run", "distill") and (args.nproc or 1) * (args.nnodes or 1) > 1
-                and load(args.config, args.overrides).distill.parallel.strategy == "none"):
-            overrides.append("distill.parallel.strategy=ddp")
-        cfg = load(args.config, overrides)
-        if args.cmd in ("run", "distill") and cfg.distill.parallel.nnodes > 1:
+        cfg = _load(args, load)
+        if _other_node(args, cfg):
             from refinery.train import nodes
 
-            if nodes.node_rank(cfg.distill.parallel) > 0:
-                if args.cmd == "run":
-                    raise UserError("refinery run goes on node 0 only; on the other nodes run `refinery distill "
-                                    "CONFIG --nnodes N --node-rank R` (it joins node 0's distill job)")
-                return nodes.join(cfg)
+            return nodes.join(cfg, since=started)
         from refinery.pipeline.preflight import preflight
 
         stages = (args.stages.split(",") if args.stages else None) if args.cmd == "run" else \
@@ -161,8 +152,38 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"refinery: {e}", file=sys.stderr)
         return 128 + e.signum  # as if killed by the signal, after a clean checkpoint
+    if cfg.distill.parallel.nnodes > 1 and any(r["stage"] == "distill" and r["skipped"] for r in results):
+        from refinery.train import nodes
+
+        nodes.announce(cfg.run_dir, status="skipped", attempt="")  # the other nodes stop waiting
     _summary(cfg, results)
     return 0
+
+
+def _load(args, load):
+    """The config with the launch options applied (`--nproc N` or `--nnodes N` alone: strategy ddp)."""
+    overrides = list(args.overrides)
+    for opt in ("nproc", "nnodes", "node_rank"):
+        if getattr(args, opt, None) is not None:
+            overrides.append(f"distill.parallel.{opt}={getattr(args, opt)}")
+    if (args.cmd in ("run", "distill") and (args.nproc or 1) * (args.nnodes or 1) > 1
+            and load(args.config, args.overrides).distill.parallel.strategy == "none"):
+        overrides.append("distill.parallel.strategy=ddp")
+    return load(args.config, overrides)
+
+
+def _other_node(args, cfg) -> bool:
+    """Whether this is a node other than 0 of a multi-node distill (it only joins node 0's job)."""
+    if args.cmd not in ("run", "distill") or cfg.distill.parallel.nnodes == 1:
+        return False
+    from refinery.train import nodes
+
+    if nodes.node_rank(cfg.distill.parallel) == 0:
+        return False
+    if args.cmd == "run":
+        raise UserError("refinery run goes on node 0 only; on the other nodes run `refinery distill "
+                        "CONFIG --nnodes N --node-rank R` (it joins node 0's distill job)")
+    return True
 
 
 def _summary(cfg, results: list[dict]) -> None:

@@ -3,6 +3,7 @@ their options and what they run (the sweep itself: refinery/cluster/sweep.py).""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -35,4 +36,9 @@ def run(args) -> int:
         print(f"refinery sweep: {e}", file=sys.stderr)
         return 128 + e.signum
     print(f"\nsweep done: {out}/results.csv, {out}/best.yaml")
+    failed = [r["key"] for r in json.loads((out / "unfinished.json").read_text()) if r["why"].startswith("failed")]
+    if failed:  # after Tune's retries: a user must not take a sweep of failed trials for a finished one
+        print(f"refinery sweep: {len(failed)} configuration(s) failed for good ({', '.join(failed)}): the errors "
+              f"are in {out}/unfinished.json, the chains' logs in {out}/runs/KEY-r*/trial.log", file=sys.stderr)
+        return 1
     return 0

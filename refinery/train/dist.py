@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import sys
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -166,25 +165,30 @@ def launch(payload: dict, parallel, out: Path) -> dict:
     result.unlink(missing_ok=True)
     where = f" ({parallel.nproc} on each of {parallel.nnodes} nodes)" if parallel.nnodes > 1 else ""
     many = parallel.nproc * parallel.nnodes
-    started = time.time()
-    if parallel.nnodes > 1:
-        nodes.mark(out, 0)
-    code, signum = nodes.agent(parallel, spec, f"distill: launching {many} processes{where}")
+    run_dir = Path(payload["run_dir"])
+    attempt = nodes.new_attempt(run_dir, spec) if parallel.nnodes > 1 else ""
+    code, signum = -1, None
+    try:
+        code, signum = nodes.agent(parallel, spec, f"distill: launching {many} processes{where}", attempt)
+    finally:
+        if attempt:  # the other nodes read it (a late one then knows there is nothing to join)
+            nodes.announce(run_dir, status="done" if code == 0 and result.is_file() else "failed", attempt=attempt)
     if signum:
         from refinery.train.preempt import Preempted
 
         raise Preempted(-1, signum)
     if code != 0 or not result.is_file():
-        gone = nodes.missing(out, parallel.nnodes, started, parallel.timeout_s) if parallel.nnodes > 1 else []
+        gone = nodes.absent(run_dir, parallel.nnodes, attempt) if attempt else []
         if gone:
             raise RuntimeError(
                 f"distill: node(s) {', '.join(map(str, gone))} of {parallel.nnodes} never joined the rendezvous at "
-                f"{nodes.endpoint(parallel)} within {parallel.timeout_s} s: start `refinery distill CONFIG --nnodes "
-                f"{parallel.nnodes} --node-rank R` on each (same config; run_dir on a filesystem every node sees), "
-                "and check that the endpoint is reachable from them")
+                f"{nodes.endpoint(parallel)} within {parallel.timeout_s} s (no marker in {nodes.job_dir(run_dir)}): "
+                f"start `refinery distill CONFIG --nnodes {parallel.nnodes} --node-rank R` on each (same config; "
+                "run_dir on a filesystem every node sees at the same path)")
+        others = " and the other nodes' logs (a node that cannot reach the endpoint fails there)" if attempt else ""
         raise RuntimeError(f"distill: the {many} training processes{where} failed (torchrun exit code {code}); see the "
-                           f"log above. Completed checkpoints in {out / 'checkpoints'} are kept: rerun the same "
-                           "command to resume from the last one")
+                           f"log above{others}. Completed checkpoints in {out / 'checkpoints'} are kept: rerun the "
+                           "same command to resume from the last one")
     data = json.loads(result.read_text())
     result.unlink()
     return data

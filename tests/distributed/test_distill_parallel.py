@@ -213,13 +213,19 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank(runs, tmp_path, tiny_tea
     assert [r["loss"] for r in rows] == [r["loss"] for r in read_jsonl(runs["ddp"] / "metrics.jsonl")]
 
 
-def _on_hosts(hosts, cfg: Path, tmp: Path, args: list[str], ranks=(0, 1), private: dict | None = None
-              ) -> dict[int, tuple[int, str]]:
+def _on_hosts(hosts, cfg: Path, tmp: Path, args: list[str], ranks=(0, 1), private: dict | None = None,
+              node_1_first: bool = False) -> dict[int, tuple[int, str]]:
     """`refinery distill CFG --nnodes 2 --node-rank R ARGS` on each host of `ranks`; {rank: (exit code, log)}.
-    `private`: {rank: [dirs that host does not share]}."""
+    `private`: {rank: [dirs that host does not share]}. `node_1_first`: start node 0 only once node 1 waits
+    for its announcement (node 1 takes announcements from before it started for a past run's)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = {}
-    for r in ranks:
+    for r in sorted(ranks, reverse=node_1_first):
+        if node_1_first and r == 0:
+            deadline = time.time() + 120
+            while "waits for node 0's job" not in (tmp / "node-1.log").read_text() and time.time() < deadline \
+                    and procs[1].poll() is None:
+                time.sleep(0.1)
         cmd = [sys.executable, "-m", "refinery.launch.cli", "distill", str(cfg), "--nnodes", "2", "--node-rank",
                str(r), f"distill.parallel.rdzv_endpoint={hosts.addr[0]}:29400",
                f"distill.parallel.interface={hosts.IFACE}", *args]
@@ -230,7 +236,8 @@ def _on_hosts(hosts, cfg: Path, tmp: Path, args: list[str], ranks=(0, 1), privat
 @pytest.mark.parametrize("name", ["ddp", "fsdp2", "zero3"])
 def test_two_nodes_train_like_one(runs, name, two_hosts, tmp_path, tiny_teacher, tiny_student, write_train_data):
     """One rank on each of two simulated hosts (own address and hostname, gloo over the veth link,
-    run_dir on the filesystem both see) trains like the 2-process run on one host."""
+    run_dir on the filesystem both see) trains like the 2-process run on one host. ddp also: the same
+    command again is skipped on node 0 and node 1 stops waiting; two more steps re-run in a staged dir."""
     cfg = _setup(tmp_path, "nodes", tiny_teacher, tiny_student, write_train_data)
     got = _on_hosts(two_hosts, cfg, tmp_path, ["--nproc", "1", *ARGS[name][2:]])
     for r, (code, log) in got.items():
@@ -238,6 +245,21 @@ def test_two_nodes_train_like_one(runs, name, two_hosts, tmp_path, tiny_teacher,
     assert "node 1 of 2 joins" in got[1][1]
     assert read_jsonl(tmp_path / "nodes" / "distill" / "metrics.jsonl")[0]["tokens"] > 0
     _same_training(runs[name], tmp_path / "nodes" / "distill", name, tiny_student)
+    if name != "ddp":
+        return
+    # the same command again: node 0 skips the complete stage, node 1 stops waiting
+    got = _on_hosts(two_hosts, cfg, tmp_path, ["--nproc", "1"], node_1_first=True)
+    assert [c for c, _ in got.values()] == [0, 0], got[0][1][-2000:] + got[1][1][-2000:]
+    assert "distill: complete for this config, skipped" in got[0][1]
+    assert "node 0 (node-0) reports distill skipped: nothing to join" in got[1][1]
+    # two more steps: a staged re-run into distill.new/, which node 1 finds through node 0's announcement
+    got = _on_hosts(two_hosts, cfg, tmp_path, ["--nproc", "1", f"distill.steps={STEPS + 2}"])
+    assert [c for c, _ in got.values()] == [0, 0], got[0][1][-2000:] + got[1][1][-2000:]
+    assert "distill.new/launch.json" in got[1][1]
+    assert f"resumed from {tmp_path / 'nodes' / 'distill.new' / 'checkpoints'}" in got[0][1] + got[1][1]
+    out = tmp_path / "nodes" / "distill"
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, STEPS + 3))
+    assert sorted(read_manifest(out)["metrics"]["hosts"]) == ["node-0", "node-1"]
 
 
 def test_a_node_that_never_joins_fails_the_job_by_name(two_hosts, tmp_path, tiny_teacher, tiny_student,

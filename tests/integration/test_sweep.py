@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from refinery.core.manifest import read_jsonl
+from refinery.core.manifest import read_jsonl, read_jsonl_prefix
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,22 +170,23 @@ def test_sweep_on_two_nodes_survives_the_death_of_one(tmp_path, tiny_sweep, two_
     the last checkpoint on the shared path; nothing finished re-runs, no step is trained twice."""
     cfg, sweep_dir = tiny_sweep
     base = yaml.safe_load((tmp_path / "base.yaml").read_text())
-    base["distill"].update(steps=12, checkpoint_every=2)
+    base["distill"].update(steps=30, checkpoint_every=2)  # a trial on node 1 still training when it dies
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     sweep = yaml.safe_load(cfg.read_text())
-    sweep.update(num_samples=2, max_concurrent=2, cpus_per_trial=1)
+    # a path relative to the driver's cwd: the trial actors' nodes were started elsewhere
+    sweep.update(num_samples=2, max_concurrent=2, cpus_per_trial=1, base="base.yaml")
     cfg.write_text(yaml.safe_dump(sweep))
     ray_env = two_hosts.start_ray(tmp_path, cpus=1)
     env = {**os.environ, **ray_env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     log = tmp_path / "driver.log"
     driver = two_hosts.start(0, [sys.executable, "-m", "refinery.launch.cli", "sweep", str(cfg), "--address",
-                                 ray_env["RAY_ADDRESS"]], log, env)
+                                 ray_env["RAY_ADDRESS"]], log, env, cwd=tmp_path)
     victim, deadline = None, time.time() + 900
     while victim is None and time.time() < deadline and driver.poll() is None:
         for run in (sweep_dir / "runs").glob("*") if (sweep_dir / "runs").is_dir() else []:
             on_1 = (run / "trial.log").is_file() and "starts on host node-1" in (run / "trial.log").read_text()
             if on_1 and list((run / "distill" / "checkpoints").glob("step-*")) and \
-                    not (run / "distill" / "manifest.json").exists():
+                    len(read_jsonl_prefix(run / "distill" / "metrics.jsonl")) < 20:
                 victim = run
         time.sleep(0.2)
     assert victim is not None, log.read_text()[-3000:]
@@ -201,6 +202,25 @@ def test_sweep_on_two_nodes_survives_the_death_of_one(tmp_path, tiny_sweep, two_
     assert starts[other] == ["node-0"], starts  # the trial on node 0 ran once: nothing finished re-ran
     assert "resumed from" in (victim / "trial.log").read_text()
     for run in (sweep_dir / "runs").iterdir():  # every step trained once
-        assert [r["step"] for r in read_jsonl(run / "distill" / "metrics.jsonl")] == list(range(1, 13))
+        assert [r["step"] for r in read_jsonl(run / "distill" / "metrics.jsonl")] == list(range(1, 31))
     assert {r["replicates"][0]["host"] for r in results} == {"node-0"}
     assert (sweep_dir / "tune" / "sweep").is_dir()  # Tune's state on the shared path
+
+
+def test_a_sweep_whose_trials_all_fail_exits_nonzero_naming_them(tmp_path, tiny_sweep):
+    """Every configuration's chain fails (the base config's student path does not exist; the driver only
+    parses the config, each trial's `refinery run` refuses it): after Tune's retry the driver exits 1 and
+    names the configurations and where their errors are."""
+    cfg, sweep_dir = tiny_sweep
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["models"]["student"]["path"] = str(tmp_path / "no-such-student")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = yaml.safe_load(cfg.read_text())
+    sweep.update(num_samples=1)
+    cfg.write_text(yaml.safe_dump(sweep))
+    proc = _sweep(cfg, tmp_path / "sweep.log")
+    assert proc.wait(timeout=600) == 1, (tmp_path / "sweep.log").read_text()[-3000:]
+    key = json.loads((sweep_dir / "unfinished.json").read_text())[0]["key"]
+    assert f"1 configuration(s) failed for good ({key}): the errors are in {sweep_dir}/unfinished.json" in \
+        (tmp_path / "sweep.log").read_text()
+    assert "no-such-student" in (sweep_dir / "runs" / f"{key}-r0" / "trial.log").read_text()
