@@ -266,10 +266,14 @@ def test_a_node_that_never_joins_fails_the_job_by_name(two_hosts, tmp_path, tiny
                                                       write_train_data):
     cfg = _setup(tmp_path, "alone", tiny_teacher, tiny_student, write_train_data)
     started = time.time()
-    code, log = _on_hosts(two_hosts, cfg, tmp_path, ["--nproc", "1", "distill.parallel.timeout_s=15"], ranks=(0,))[0]
+    code, log = _on_hosts(two_hosts, cfg, tmp_path, ["--nproc", "1", "distill.parallel.timeout_s=10"], ranks=(0,))[0]
     assert code != 0 and time.time() - started < 120, log[-3000:]
-    assert "node(s) 1 of 2 never joined the rendezvous at 10.231.7.1:29400 within 15 s" in log, log[-3000:]
+    assert "node(s) 1 of 2 never joined the rendezvous at 10.231.7.1:29400 within 10 s" in log, log[-3000:]
     assert not (tmp_path / "alone" / "distill" / "manifest.json").exists()
+    # and the other way round: node 1 alone waits for node 0's announcement, then says what to start
+    code, log = _on_hosts(two_hosts, cfg, tmp_path, ["--nproc", "1", "distill.parallel.timeout_s=10"], ranks=(1,))[1]
+    assert code == 2 and "distill node 1: node 0 announced no distill job in " in log, log[-3000:]
+    assert "(the last one: failed at " in log and "start node 0 (`refinery distill CONFIG --nnodes 2 --node-rank 0`)" in log
 
 
 def test_a_node_that_cannot_see_the_checkpoints_is_refused_by_name(runs, two_hosts, tmp_path, tiny_teacher,
