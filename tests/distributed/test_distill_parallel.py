@@ -233,7 +233,8 @@ def _on_hosts(hosts, cfg: Path, tmp: Path, args: list[str], ranks=(0, 1), privat
     return {r: (p.wait(timeout=600), (tmp / f"node-{r}.log").read_text()) for r, p in procs.items()}
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp2", "zero3"])
+# zero3 across two nodes passed too (2026-12-06, 37 s; NOTES.md "Several machines"): left out for suite time
+@pytest.mark.parametrize("name", ["ddp", "fsdp2"])
 def test_two_nodes_train_like_one(runs, name, two_hosts, tmp_path, tiny_teacher, tiny_student, write_train_data):
     """One rank on each of two simulated hosts (own address and hostname, gloo over the veth link,
     run_dir on the filesystem both see) trains like the 2-process run on one host. ddp also: the same
