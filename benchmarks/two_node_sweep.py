@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -69,7 +68,8 @@ def main() -> int:
         while driver.poll() is None:
             if killed is None and not args.no_kill:
                 for run in sorted((out / "runs").glob("*")) if (out / "runs").is_dir() else []:
-                    on_1 = _attempts(run) and _attempts(run)[-1]["host"] == "node-1"
+                    tries = _attempts(run)
+                    on_1 = tries and tries[-1]["host"] == "node-1"
                     if on_1 and list((run / "distill" / "checkpoints").glob("step-*")) and \
                             not (run / "distill" / "manifest.json").exists():
                         killed = {"run": run.name, "at_s": round(time.time() - t0, 1), "steps_done": len(_steps(run)),
@@ -94,7 +94,7 @@ def main() -> int:
                "trials_started_per_node": {h: first.count(h) for h in sorted(set(first))},
                "configurations_finished": len(list((out / "results").glob("*.json"))), "runs": rows}
     (out / "two_node_summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"\n| run | attempts (host: resumed from step) | distill steps | steps twice | objective |\n|---|---|---|---|---|")
+    print("\n| run | attempts (host: resumed from step) | distill steps | steps twice | objective |\n|---|---|---|---|---|")
     for r in rows:
         att = ", ".join(f"{a['host']}: {a['resumed_from']}" for a in r["attempts"])
         obj = f"{r['objective']:.4f}" if r["objective"] is not None else "-"

@@ -103,10 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{args.cmd} {stray}: give {need} too (without them {args.cmd} is the run's own stage)")
         if many_cli.is_many(args):
             return args.many(args)
-    from refinery.pipeline.config import load
-
     try:
-        cfg = _load(args, load)
+        cfg = _load(args)
         if _other_node(args, cfg):
             from refinery.train import nodes
 
@@ -160,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _load(args, load):
+def _load(args):
     """The config with the launch options applied (`--nproc N` or `--nnodes N` alone: strategy ddp)."""
+    from refinery.pipeline.config import load
+
     overrides = list(args.overrides)
     for opt in ("nproc", "nnodes", "node_rank"):
         if getattr(args, opt, None) is not None:

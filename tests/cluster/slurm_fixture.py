@@ -66,9 +66,9 @@ class Cluster:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
                 time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
-            if name in self.pids:
-                _terminate(self.pids.pop(name))
+        # every slurmd first (one per node), then slurmctld, then munged
+        for name in sorted(self.pids, key=lambda n: ("slurmd" not in n, n == "munged")):
+            _terminate(self.pids.pop(name))
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -240,18 +240,6 @@ class HostsCluster(Cluster):
     def run(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", self.hosts.names[0], *args], env=self.env, capture_output=True,
                               text=True, check=check, timeout=timeout)
-
-    def stop(self) -> None:
-        """Cancel the jobs, then the daemons die with their hosts (Hosts.close); delete the temp dir."""
-        self.run("scancel", "--full", "--partition", self.partition, check=False)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
-            time.sleep(0.5)
-        for proc in self.pids.values():
-            _terminate(proc)
-        if "munged" in self.pids:  # started here: not one of the hosts' processes
-            _terminate(self.pids.pop("munged"))
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def start_on_hosts(root: Path, hosts, cpus: int = 1, timeout: float = 60) -> HostsCluster:
