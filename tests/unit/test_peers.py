@@ -22,7 +22,7 @@ def _load(name: str):
         sys.path.remove(str(PEERS))
 
 
-@pytest.mark.parametrize("name,option", [("distill_vs_trl", "--from"), ("quantize_vs_llmcompressor", "--from"),
+@pytest.mark.parametrize("name,option", [("distill_vs_peers", "--from"), ("quantize_vs_llmcompressor", "--from"),
                                          ("eval_vs_lmeval", "--run")])
 def test_the_run_is_required_and_checked(name, option, tmp_path, capsys):
     mod = _load(name)
@@ -54,3 +54,30 @@ def test_peer_venvs_pin_torch():
     assert all(env.TORCH in pkgs for pkgs in env.PEERS.values())
     with pytest.raises(SystemExit, match="unknown peer"):
         env.peer_python("nope")
+
+
+def test_distill_only_takes_arm_names_and_unique_prefixes():
+    mod = _load("distill_vs_peers")
+    assert mod.parse(["--no-run", "--only", "torchtune,ours adamw"]).only == ["torchtune kd lora adamw", "ours adamw"]
+    with pytest.raises(SystemExit):  # "ours" is the start of three arms
+        mod.parse(["--no-run", "--only", "ours"])
+
+
+def test_agreement_pairs_items_and_refuses_different_gold_answers():
+    ev = _load("eval_vs_lmeval")
+    ours = {("siqa", 0): (1, 1), ("siqa", 1): (0, 2), ("mmlu", 0): (3, 3)}
+    lm = {("siqa", 0): (1, 1), ("siqa", 1): (0, 0), ("winowhy", 0): (1, 1)}
+    assert ev.agreement(ours, lm) == (0.5, 2)  # two items scored by both, one same answer
+    with pytest.raises(SystemExit, match="different gold answers"):
+        ev.agreement({("siqa", 0): (2, 1)}, lm)
+
+
+def test_quantize_table_ratios_and_an_arm_that_did_not_run():
+    q = _load("quantize_vs_llmcompressor")
+    row = {"quantize_s": 30.0, "peak_rss_gb": 1.2, "kl_mean": 0.011, "ppl_fp": 95.0, "ppl_quant": 97.0,
+           "bytes": 83e6, "vllm": "yes", "tokens": 1032}
+    text = q.table({"calibration": 128, "held_out": 32, "merged_bytes": 287e6,
+                    "arms": {"ours gptq": row, "ours awq (gptqmodel)": {"error": "ValueError: AWQ: CUDA is not available."},
+                             "llm-compressor gptq": {**row, "quantize_s": 15.0}}})
+    assert "| ours gptq | 30.0 | 2.00x |" in text and "| llm-compressor gptq | 15.0 | 1.00x |" in text
+    assert "did not run: ValueError: AWQ: CUDA is not available." in text
