@@ -56,7 +56,8 @@ def ours(args, model: str, backend: str) -> dict:
     res = measured(cmd, args.work / f"{model}-{backend}.log")
     entry = json.loads((run_dir / "evaluate" / "results.json").read_text())["models"][model]
     rows = [json.loads(line) for line in (run_dir / "evaluate" / "lmeval" / f"{model}_samples.jsonl").open()]
-    picks = {(r["task"], r["doc_id"]): (r["target"], _argmax(r["loglikelihoods"])) for r in rows}
+    # gold answers as text: lm-eval's samples files write the target as a string, our rows as an int
+    picks = {(r["task"], r["doc_id"]): (str(r["target"]), _argmax(r["loglikelihoods"])) for r in rows}
     return {**res, "score_s": entry["eval_s"], "mean_acc": entry["mean_acc"], "n": len(picks),
             "path": entry["path"], "picks": picks, "tasks": run_dir / "evaluate" / "tasks"}
 
@@ -76,7 +77,7 @@ def lm_eval_cli(args, model: str, path: str, tasks_dir: Path) -> dict:
         task = name.removeprefix("refinery_")
         for line in next(out.rglob(f"samples_{name}_*.jsonl")).open():
             s = json.loads(line)
-            picks[(task, s["doc_id"])] = (s["target"], _argmax([float(r[0]) for r in s["filtered_resps"]]))
+            picks[(task, s["doc_id"])] = (str(s["target"]), _argmax([float(r[0]) for r in s["filtered_resps"]]))
     accs = [results["results"][n]["acc,none"] for n in names]
     return {**res, "score_s": float(results.get("total_evaluation_time_seconds", "nan")),
             "mean_acc": sum(accs) / len(accs), "n": len(picks), "picks": picks}
