@@ -258,12 +258,13 @@ def run_arms(args) -> dict:
                           else PEER_ARMS[name](args, path, pad_id, teacher, student))
         except SystemExit as e:  # a peer that cannot run here is reported with its reason
             arms[name] = {"error": str(e).splitlines()[-1][:300]}
-    tokens = sum(len(x) for b in json.loads(path.read_text()) for x in b)
+    drawn = json.loads(path.read_text())
+    tokens = sum(len(x) for b in drawn for x in b)
     for name, r in arms.items():  # the same batches on every side: the same token count
         assert "error" in r or r["tokens"] == tokens, (name, r["tokens"], tokens)
     done = {n: r["adapter"] for n, r in arms.items() if "error" not in r}
     fid, n_items, n_tokens = fidelity(args, done, teacher, student)
-    return {"steps": args.steps, "batch_size": len(json.loads(path.read_text())[0]), "tokens": tokens,
+    return {"steps": args.steps, "batch_size": len(drawn[0]), "tokens": tokens,
             "ours_versions": versions(sys.executable, ["torch", "transformers", "peft"]),
             "arms": {**(old or {}).get("arms", {}), **arms}, "fidelity": {**(old or {}).get("fidelity", {}), **fid},
             "held_out_items": n_items, "held_out_tokens": n_tokens}
