@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,25 +35,42 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
+def collate(items: list[dict], pad_id: int) -> dict:
+    """Right-padded input_ids, attention_mask, and labels = input_ids with padding at -100."""
+    width = max(len(it["ids"]) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, it in enumerate(items):
+        ids[i, :len(it["ids"])] = torch.tensor(it["ids"])
+        mask[i, :len(it["ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def gkd_config(args, steps: int, size: int):
+    """GKD with lmbda 0 (the dataset's sequences) and beta 0 (forward KL), AdamW as ours runs it."""
+    from trl.experimental.gkd import GKDConfig
+
+    return GKDConfig(output_dir=str(Path(args.out) / "trainer"), lmbda=0.0, beta=0.0, max_steps=steps,
+                     per_device_train_batch_size=size, learning_rate=args.lr, lr_scheduler_type="cosine",
+                     warmup_steps=args.warmup_steps, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0,
+                     max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none", seed=0,
+                     use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
+                     remove_unused_columns=False,
+                     # SFTConfig's defaults are gradient_checkpointing=True and bf16=True (autocast): off,
+                     # as in ours (no recomputation; bf16 weights loaded as such, LoRA in fp32)
+                     gradient_checkpointing=False, bf16=False)
+
+
 def main(argv=None) -> None:
     args = parse(argv)
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    from trl.experimental.gkd import GKDTrainer
 
     batches = json.loads(Path(args.batches).read_text())
     size = len(batches[0])
     rows = [{"ids": seq} for batch in batches for seq in batch]  # in step order
-
-    def collate(items):
-        width = max(len(it["ids"]) for it in items)
-        ids = torch.full((len(items), width), args.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for i, it in enumerate(items):
-            ids[i, :len(it["ids"])] = torch.tensor(it["ids"])
-            mask[i, :len(it["ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
     class Sequential(GKDTrainer):
         def _get_train_sampler(self, *a, **k):  # our batch order, not a reshuffle
@@ -74,16 +92,8 @@ def main(argv=None) -> None:
     student = AutoModelForCausalLM.from_pretrained(args.student, dtype=dtype)
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=dtype)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    cfg = GKDConfig(output_dir=str(Path(args.out) / "trainer"), lmbda=0.0, beta=0.0, max_steps=len(batches),
-                    per_device_train_batch_size=size, learning_rate=args.lr, lr_scheduler_type="cosine",
-                    warmup_steps=args.warmup_steps, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0,
-                    max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none", seed=0,
-                    use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
-                    remove_unused_columns=False,
-                    # SFTConfig's defaults are gradient_checkpointing=True and bf16=True (autocast): off,
-                    # as in ours (no recomputation; bf16 weights loaded as such, LoRA in fp32)
-                    gradient_checkpointing=False, bf16=False)
-    trainer = Sequential(model=student, teacher_model=teacher, args=cfg, data_collator=collate,
+    trainer = Sequential(model=student, teacher_model=teacher, args=gkd_config(args, len(batches), size),
+                         data_collator=partial(collate, pad_id=args.pad_id),
                          train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Record()],
                          peft_config=LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                                 target_modules=targets, task_type="CAUSAL_LM"))
