@@ -9,6 +9,29 @@ from __future__ import annotations
 import pytest
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (scripts/test: 2 workers, a file's tests on one worker): the cached tiny models
+    are made once here, in the controller, before any worker starts, so no two workers write them."""
+    if getattr(config, "workerinput", None) is None and config.pluginmanager.hasplugin("xdist") \
+            and config.getoption("numprocesses", None):
+        from refinery.core.models import derive_student, smollm2_dir
+
+        for layers in (2, 4):
+            derive_student(str(smollm2_dir()), layers)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Each test file is one unit of work for a worker (as `--dist loadfile`), except tests/cluster: all
+    of it on one worker, one Slurm (and munged) at a time on this machine."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tests/cluster" if nodeid.startswith("tests/cluster/") else super()._split_scope(nodeid)
+
+    return Scheduling(config, log)
+
+
 @pytest.fixture(autouse=True)
 def _restore_quiet_settings():
     """An in-process `main()` sets the quiet env keys and library logger levels for its process

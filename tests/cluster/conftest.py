@@ -36,12 +36,13 @@ def slurm_cluster():
 
 
 @pytest.fixture
-def two_node_slurm(two_hosts, tmp_path):
+def two_node_slurm(two_hosts):
     """A real Slurm over two simulated hosts: slurmctld + slurmd node-0 on one, slurmd node-1 on the other."""
     why = slurm_fixture.missing()
     if why:
         pytest.skip(why)
-    (tmp_path / "slurm").mkdir()
-    cluster = slurm_fixture.start_on_hosts(tmp_path / "slurm", two_hosts)
+    # a short root: slurmstepd's socket path (spool dir + node + job) must stay under 108 characters,
+    # which a tmp_path under xdist (/tmp/pytest-of-root/pytest-N/popen-gwN/...) does not
+    cluster = slurm_fixture.start_on_hosts(Path(tempfile.mkdtemp(prefix="rfs-")), two_hosts)
     yield cluster
     cluster.stop()
