@@ -59,4 +59,5 @@ def setup_logging(level: int = logging.INFO, loud: bool = False,
             os.environ.setdefault(k, v)
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
+        quiet_logbar()  # whichever import brings GPTQModel in first (peft does, in distill)
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S")

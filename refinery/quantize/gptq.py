@@ -9,7 +9,9 @@ for GPTQ-only baselines.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import json
 import logging
 import os
@@ -132,7 +134,9 @@ def quantize_tokenized(model_dir: str | Path, out_dir: str | Path, cfg: Quantize
     recipe = {"config": to_dict(cfg), "source": source or str(model_dir), "calibration_samples": len(calib),
               "calibration_tokens": sum(len(c["input_ids"]) for c in calib)}
     with atomic_path(out_dir) as tmp:
-        model.save(str(tmp))
+        # GPTQModel's save prints the saved dir's file list and configs to stdout: shown with -v only
+        with contextlib.nullcontext() if proc.verbose() else contextlib.redirect_stdout(io.StringIO()):
+            model.save(str(tmp))
         (tmp / RECIPE).write_text(json.dumps(recipe, indent=2) + "\n")
     quantize_s = round(time.time() - started, 2)
     del model

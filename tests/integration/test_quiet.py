@@ -14,9 +14,7 @@ import logging
 from refinery.core.proc import setup_logging
 setup_logging()
 import peft, transformers  # torchao and torch warnings at import
-from refinery.quantize.gptq import _gptq_env
-_gptq_env()
-import gptqmodel  # its banner
+import gptqmodel  # its banner (peft brings it in when it makes LoRA layers, before our quantize code runs)
 logging.getLogger("refinery").info("ours")
 """
 pytestmark = pytest.mark.integration
@@ -58,3 +56,19 @@ def test_ray_actors_get_the_quiet_setting(monkeypatch):
         got = ray.get(env.remote(), timeout=120)
     assert got["REFINERY_VERBOSE"] == "0" and got["TORCH_LOGS"] == "-all"
     assert got["PYTHONPATH"].split(os.pathsep)[0] == proc.ROOT
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_gptqmodel_save_dump_only_with_verbose(verbose, tiny_student, tmp_path, monkeypatch, capfd):
+    """GPTQModel's save prints the saved dir's files and configs to stdout."""
+    from transformers import AutoTokenizer
+
+    from refinery.quantize.config import QuantizeConfig
+    from refinery.quantize.gptq import quantize_tokenized
+
+    monkeypatch.setenv("REFINERY_VERBOSE", "1" if verbose else "0")
+    cfg = QuantizeConfig(method="rtn", group_size=32)
+    stats = quantize_tokenized(tiny_student, tmp_path / "rtn", cfg, [], AutoTokenizer.from_pretrained(tiny_student))
+    assert stats["gptq_bytes"] > 0 and (tmp_path / "rtn" / "config.json").is_file()
+    out = capfd.readouterr().out
+    assert ("Files in directory" in out) == verbose, out[-2000:]
