@@ -195,5 +195,27 @@ def _summary(cfg, results: list[dict]) -> None:
     print(f"\noutputs: {cfg.run_dir}/  (report: {report})")
 
 
+def exit_program(code: int) -> None:
+    """End the program with `code`. Once Ray was used in this process, Python's exit handlers run (Ray's
+    own shutdown among them) and the process ends without C++ static destructors: Ray 2.60's can
+    deadlock there (seen under load after a Ray Train distill: the main thread joining an io thread
+    that waits on a lock), leaving a finished command hanging forever."""
+    if "ray" in sys.modules:
+        import atexit
+        import os
+
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def entry() -> None:
+    """The `refinery` program."""
+    exit_program(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

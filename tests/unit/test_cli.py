@@ -2,6 +2,8 @@
 options of quantize and evaluate, overrides wherever they are typed, clear errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from refinery.launch import cli, many_cli
@@ -59,3 +61,23 @@ def test_many_forms_need_out(capsys, tmp_path):
     assert cli.main(["evaluate", "configs/quickstart.yaml", "--models", "student", f"run_dir={tmp_path}"]) == 2
     assert "--out DIR" in capsys.readouterr().err
     assert cli.main(["sweep", "status"]) == 2 and "refinery sweep status SWEEP_DIR" in capsys.readouterr().err
+
+
+def test_exit_program_after_ray_keeps_the_code_and_the_output():
+    """After Ray was imported the program ends through os._exit (Ray's C++ exit can deadlock): the exit
+    code and everything printed or logged must still come out, and Python's exit handlers still run."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import atexit, logging, ray\n"
+            "from refinery.launch.cli import exit_program\n"
+            "logging.basicConfig(level=logging.INFO)\n"
+            "atexit.register(lambda: print('exit handler ran'))\n"
+            "print('printed')\n"
+            "logging.getLogger('x').info('logged')\n"
+            "exit_program(3)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert out.stdout.split() == ["printed", "exit", "handler", "ran"] and "logged" in out.stderr
