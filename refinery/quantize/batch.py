@@ -53,7 +53,6 @@ from refinery.core.config import (
 )
 from refinery.core.manifest import (
     atomic_path,
-    dir_bytes,
     file_hash,
     read_manifest,
     write_csv,
@@ -225,8 +224,7 @@ def quantize_one(job: dict, calib: list[dict]) -> dict:
     from transformers import AutoTokenizer
 
     from refinery.core.config import build
-    from refinery.quantize.gptq import quantize_tokenized
-    from refinery.quantize.load import measure_error
+    from refinery.quantize.gptq import quantize_merged
     from refinery.quantize.merge import merge_lora
 
     cfg, final, trust = build(QuantizeConfig, job["config"]), Path(job["out"]), job["trust"]
@@ -238,9 +236,9 @@ def quantize_one(job: dict, calib: list[dict]) -> dict:
         else:
             merged = Path(job["model"])
         tokenizer = AutoTokenizer.from_pretrained(merged, trust_remote_code=trust)
-        stats = quantize_tokenized(merged, tmp / "gptq", cfg, calib, tokenizer, trust, source=job["source"])
-        error = measure_error(merged, tmp / "gptq", job["held_out"], cfg.calibration_max_len, trust)
-        before, after = dir_bytes(merged), dir_bytes(tmp / "gptq")
+        stats = quantize_merged(merged, tmp / "gptq", cfg, calib, tokenizer, job["held_out"], trust,
+                                source=job["source"])
+        error, before, after = stats["error"], stats["merged_bytes"], stats["gptq_bytes"]
         record = {"name": job["name"], "source": job["source"], "status": "done", "method": cfg.method,
                   "bits": cfg.bits, "group_size": cfg.group_size, "quant_dir": str(final / "gptq"),
                   "merged_dir": str(final / "merged") if job["adapter"] else str(merged),

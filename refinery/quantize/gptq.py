@@ -59,9 +59,14 @@ def run(ctx: Context, cfg: QuantizeConfig) -> Result:
         merged = trained_student(ctx.stage_dir("distill"), student, out / "merged", cfg.merge_dtype, trust)
     else:
         merged = merge_lora(student, adapter, out / "merged", cfg.merge_dtype, trust)
-    stats = quantize_model(merged, out / "gptq", cfg, calib, trust)
-    error = measure_error(merged, out / "gptq", held_out, cfg.calibration_max_len, trust)
-    merged_bytes, gptq_bytes = dir_bytes(merged), dir_bytes(out / "gptq")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged, trust_remote_code=trust)
+    q = quantize_merged(merged, out / "gptq", cfg, tokenize_calibration(tokenizer, calib, cfg.calibration_max_len),
+                        tokenizer, held_out, trust)
+    error = q.pop("error")
+    merged_bytes, gptq_bytes = q.pop("merged_bytes"), q["gptq_bytes"]
+    stats = {**q, "quantized_layers_bytes": safetensors_bytes(out / "gptq", in_layers(widths))}
     layers_fp = safetensors_bytes(merged, in_layers(widths))
     metrics = {
         **stats, **error,
@@ -76,6 +81,17 @@ def run(ctx: Context, cfg: QuantizeConfig) -> Result:
              stats["quantize_s"])
     outputs = sorted(str(p.relative_to(out)) for d in (merged, out / "gptq") for p in d.rglob("*") if p.is_file())
     return Result(metrics=metrics, outputs=outputs)
+
+
+def quantize_merged(merged: str | Path, gptq_dir: str | Path, cfg: QuantizeConfig, calib: list[dict], tokenizer,
+                    held_out: list[str], trust_remote_code: bool = False, source: str | None = None) -> dict:
+    """GPTQ (or RTN) the float checkpoint `merged` into `gptq_dir` and measure its error against `merged`
+    on the held-out texts: the one way a checkpoint is quantized, by the stage (one run) and by
+    quantize/batch.py (many). Returns `quantize_tokenized`'s stats, `error` (`measure_error`'s) and
+    `merged_bytes`."""
+    stats = quantize_tokenized(merged, gptq_dir, cfg, calib, tokenizer, trust_remote_code, source=source)
+    error = measure_error(merged, gptq_dir, held_out, cfg.calibration_max_len, trust_remote_code)
+    return {**stats, "error": error, "merged_bytes": dir_bytes(merged)}
 
 
 def quantize_model(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, calibration_texts: list[str],
