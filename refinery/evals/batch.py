@@ -98,22 +98,34 @@ def score_with_pool(pool, path: str, specs: list[TaskSpec], tm, seed: int, limit
                                    numpy_random_seed=seed, torch_random_seed=seed)
 
 
-def evaluate_one(pool, name: str, path: str, cfg, specs, tm, out: Path, latency: bool) -> dict:
-    """Score and time one model; write `<out>/<name>/` (results.json last). Returns the entry."""
+def score_and_time(pool, path: str, specs, tm, seed: int, limit: int | None, lat) -> tuple[dict, dict, dict]:
+    """One model scored on the tasks by the pool's workers, then timed (when `lat`, a latency config, is
+    given): the one way a model is evaluated with vLLM, for the stage (`backend: vllm`) and for many
+    checkpoints. Returns (entry fields, lm-eval's raw results, its samples); `latency` holds the
+    workers' measurement with its `memory` and `load_s`."""
     t0 = time.time()
-    raw = score_with_pool(pool, path, specs, tm, cfg.seed, cfg.tasks.eval_limit)
+    raw = score_with_pool(pool, path, specs, tm, seed, limit)
     eval_s = time.time() - t0
     samples = raw.pop("samples", {})
     tasks = task_scores(raw, specs)
     mean, mean_se = mean_accuracy(tasks)
-    entry = {"name": name, "path": path, "bytes": dir_bytes(path), "quantized": is_quantized(path),
-             "backend": "vllm", "workers": pool.workers, "tasks": tasks, "mean_acc": mean,
-             "mean_acc_stderr": mean_se, "eval_s": round(eval_s, 2), "pool": dict(pool.stats),
+    entry = {"path": path, "bytes": dir_bytes(path) if Path(path).exists() else None, "quantized": is_quantized(path),
+             "backend": "vllm", "tasks": tasks, "mean_acc": mean, "mean_acc_stderr": mean_se,
+             "eval_s": round(eval_s, 2), "latency": None}
+    if lat is not None:
+        entry["latency"] = pool.measure(path, prompt_tokens=lat.prompt_tokens, new_tokens=lat.new_tokens,
+                                        repeats=lat.repeats, batch_sizes=list(lat.batch_sizes))
+    return entry, raw, samples
+
+
+def evaluate_one(pool, name: str, path: str, cfg, specs, tm, out: Path, latency: bool) -> dict:
+    """Score and time one model; write `<out>/<name>/` (results.json last). Returns the entry."""
+    core, raw, samples = score_and_time(pool, path, specs, tm, cfg.seed, cfg.tasks.eval_limit,
+                                        cfg.evaluate.latency if latency else None)
+    m = core.pop("latency")
+    entry = {"name": name, **core, "workers": pool.workers, "pool": dict(pool.stats),
              "latency": None, "memory": None, "key": _key(cfg, path, specs, latency)}
-    if latency:
-        lat = cfg.evaluate.latency
-        m = pool.measure(path, prompt_tokens=lat.prompt_tokens, new_tokens=lat.new_tokens, repeats=lat.repeats,
-                         batch_sizes=list(lat.batch_sizes))
+    if m:
         entry["memory"] = m.pop("memory")
         entry["latency"] = m
     info = pool.info()  # the pool's engines so far: new engines started vs checkpoints swapped into one
@@ -141,26 +153,18 @@ def evaluate_run_models(paths: dict[str, str], ctx, cfg, specs, tm, out: Path) -
                   trust_remote_code=ctx.models.trust_remote_code,
                   max_num_seqs=max([32, *cfg.latency.batch_sizes])) as pool:
         for name, path in paths.items():
-            t0 = time.time()
-            raw = score_with_pool(pool, path, specs, tm, ctx.seed, ctx.tasks.eval_limit)
-            samples = raw.pop("samples", {})
+            core, raw, samples = score_and_time(pool, path, specs, tm, ctx.seed, ctx.tasks.eval_limit,
+                                                cfg.latency if cfg.latency.enabled else None)
             write_json(out / "lmeval" / f"{name}.json", raw)
             write_jsonl(out / "lmeval" / f"{name}_samples.jsonl", sample_rows(samples, specs))
-            tasks = task_scores(raw, specs)
-            mean, mean_se = mean_accuracy(tasks)
-            entry = {"path": path, "bytes": dir_bytes(path) if Path(path).exists() else None, "params": None,
-                     "quantized": is_quantized(path), "tasks": tasks, "mean_acc": mean, "mean_acc_stderr": mean_se,
-                     "load_s": None, "eval_s": round(time.time() - t0, 2), "latency": None, "memory": None,
-                     "backend": "vllm"}
-            if cfg.latency.enabled:
-                lat = cfg.latency
-                m = pool.measure(path, prompt_tokens=lat.prompt_tokens, new_tokens=lat.new_tokens,
-                                 repeats=lat.repeats, batch_sizes=list(lat.batch_sizes))
+            m = core.pop("latency")
+            entry = {**core, "params": None, "load_s": None, "latency": None, "memory": None}
+            if m:
                 entry["memory"] = m.pop("memory")
                 entry["load_s"] = m.pop("load_s", None)
                 entry["latency"] = {**m, "memory_bytes": entry["memory"]["weight_bytes"] or 0, "threads": None}
             models[name] = entry
-            log.info("evaluate (vllm) %s: mean acc %.4f +- %.4f", name, mean, mean_se)
+            log.info("evaluate (vllm) %s: mean acc %.4f +- %.4f", name, entry["mean_acc"], entry["mean_acc_stderr"])
     return models
 
 
