@@ -17,9 +17,11 @@ def pythonpath() -> str:
 
 
 QUIET_ENV = {"TORCH_LOGS": "-all", "VLLM_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "error",
-             "GPTQMODEL_DISABLE_GIL_WARNING": "1"}
-"""Read by the libraries at import (and inherited by every child process): their warnings and
-banners off; errors still print."""
+             "GPTQMODEL_DISABLE_GIL_WARNING": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+             "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+"""Read by the libraries at import (and inherited by every child process): their warnings, banners
+and per-file bars (transformers' "Loading weights" / "Writing model shards", datasets' "Map") off;
+errors still print, and each long step keeps its own bar (distill's steps, evaluate's requests)."""
 QUIET_LOGGERS = ("torch", "torchao", "transformers", "vllm", "DeepSpeed", "deepspeed", "ray", "datasets", "lm_eval", "lm-eval",
                  "peft", "accelerate", "urllib3", "filelock", "httpx", "huggingface_hub")
 

@@ -16,14 +16,17 @@ setup_logging()
 import peft, transformers  # torchao and torch warnings at import
 import gptqmodel  # its banner (peft brings it in when it makes LoRA layers, before our quantize code runs)
 logging.getLogger("refinery").info("ours")
+from transformers.utils import logging as hf_logging
+print("weight bars", hf_logging.is_progress_bar_enabled())  # "Loading weights" per model load
 """
 pytestmark = pytest.mark.integration
 TORCH_LOG_LINE = re.compile(r"^[WI]\d{4} ", re.M)  # torch's own log format: W1204 19:00:45.06 ...
 
 
 def _stderr(verbose: bool) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_LOGS", "VLLM_LOGGING_LEVEL",
-                                                          "TRANSFORMERS_VERBOSITY", "GPTQMODEL_DISABLE_GIL_WARNING")}
+    from refinery.core.proc import QUIET_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV}
     env["REFINERY_VERBOSE"] = "1" if verbose else "0"
     out = subprocess.run([sys.executable, "-c", IMPORTS], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -36,6 +39,7 @@ def test_library_noise_is_off_by_default_and_on_with_verbose():
     assert "GPT-QModel" in loud and "GIL is enabled" in loud
     assert "GPT-QModel" not in quiet and "GIL" not in quiet, quiet
     assert "torchao" not in quiet and not TORCH_LOG_LINE.search(quiet), quiet
+    assert "weight bars False" in quiet and "weight bars True" in loud
 
 
 def test_ray_actors_get_the_quiet_setting(monkeypatch):
