@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -23,7 +24,7 @@ QUIET_ENV = {"TORCH_LOGS": "-all", "VLLM_LOGGING_LEVEL": "WARNING", "TRANSFORMER
 and per-file bars (transformers' "Loading weights" / "Writing model shards", datasets' "Map") off;
 errors still print, and each long step keeps its own bar (distill's steps, evaluate's requests)."""
 QUIET_LOGGERS = ("torch", "torchao", "transformers", "vllm", "DeepSpeed", "deepspeed", "ray", "datasets", "lm_eval", "lm-eval",
-                 "peft", "accelerate", "urllib3", "filelock", "httpx", "huggingface_hub")
+                 "peft", "accelerate", "urllib3", "filelock", "httpx", "huggingface_hub", "tokenicer")
 
 
 def child_env() -> dict[str, str]:
@@ -39,10 +40,15 @@ def quiet_logbar() -> None:
     if verbose():
         return
     try:
-        from logbar import LogBar
+        from logbar import LogBar, terminal
     except ImportError:  # a GPTQModel release without logbar: its banner prints
         return
     LogBar.shared().setLevel(logging.WARNING)
+    if not sys.stdout.isatty():
+        # Written to a file (a sweep trial's log, a Slurm job's output), LogBar's per-layer and per-module
+        # bars become thousands of carriage-return lines; it has no switch for that, only its headless
+        # detection (CI variables), so say headless here. In a terminal the bars stay.
+        terminal._is_headless_environment = lambda notebook=False: True
 
 
 def verbose() -> bool:
