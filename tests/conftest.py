@@ -25,6 +25,8 @@ def pytest_xdist_make_scheduler(config, log):
     of it on one worker, one Slurm (and munged) at a time on this machine."""
     from xdist.scheduler import LoadFileScheduling
 
+    if config.getoption("dist") != "loadfile":  # another --dist asked for: xdist's own
+        return None
     class Scheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return "tests/cluster" if nodeid.startswith("tests/cluster/") else super()._split_scope(nodeid)

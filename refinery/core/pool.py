@@ -11,7 +11,9 @@ process again and re-runs its constructor) and `max_task_retries=-1` (the tasks 
 had queued are sent again to the restarted actor, each returns once). A task that raises is not
 retried: `map` yields it with ok False (a `RayTaskError`, the cause attached). An actor that died
 more often than Ray restarts it is dropped from the pool, its tasks yielded with ok False (a
-`RayActorError`); with no actor left, the items not yet run are yielded as failed too.
+`RayActorError`); with no actor left, the items not yet run are yielded as failed too. So a task
+that always kills its worker (out of memory, say) runs `max_restarts + 1` times and takes that worker
+with it; with `inflight > 1` the other items queued on that worker fail with it.
 
 The pool keeps `inflight` tasks queued per actor (more than one hides the driver's round trip) and
 gives each item to the actor with the fewest queued.
@@ -34,14 +36,16 @@ class ActorPool:
         if n < 1:
             raise ValueError(f"workers: got {n}, expected an integer >= 1")
         self.n, self.max_restarts, self.inflight = n, max_restarts, inflight
+        # held for the pool's life: a restart re-runs the constructor with these (object refs among them)
+        self.args, self.kwargs = args, kwargs or {}
         remote = ray.remote(cls)
         self.actors = [remote.options(max_restarts=max_restarts, max_task_retries=-1, **options(slot))
-                       .remote(*args, **(kwargs or {})) for slot in range(n)]
+                       .remote(*self.args, **self.kwargs) for slot in range(n)]
 
     def map(self, method: str, items: list, *args: Any) -> Iterator[tuple[int, bool, Any]]:
         """`actor.<method>(*args, item)` for every item; yields (index, ok, result or error) as each ends."""
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import RayActorError, RayError, RayTaskError
 
         pending = list(range(len(items)))[::-1]  # pop() takes them in order
         running: dict = {}  # object ref -> (actor, item index)
@@ -65,6 +69,9 @@ class ActorPool:
                 ok, value = False, e
                 if actor in self.actors:
                     self.actors.remove(actor)
+                    self._kill(actor)
+            except RayError as e:  # e.g. the result was lost: this item failed, the actor may go on
+                ok, value = False, e
             yield i, ok, value
 
     def call(self, method: str, *args: Any) -> list:
@@ -74,11 +81,15 @@ class ActorPool:
         return ray.get([getattr(a, method).remote(*args) for a in self.actors])
 
     def close(self) -> None:
+        for a in self.actors:
+            self._kill(a)
+        self.actors = []
+
+    @staticmethod
+    def _kill(actor) -> None:
         import ray
 
-        for a in self.actors:
-            try:
-                ray.kill(a, no_restart=True)
-            except ValueError:  # not an actor handle any more
-                pass
-        self.actors = []
+        try:
+            ray.kill(actor, no_restart=True)
+        except ValueError:  # not an actor handle any more
+            pass

@@ -102,7 +102,7 @@ def score_and_time(pool, path: str, specs, tm, seed: int, limit: int | None, lat
     """One model scored on the tasks by the pool's workers, then timed (when `lat`, a latency config, is
     given): the one way a model is evaluated with vLLM, for the stage (`backend: vllm`) and for many
     checkpoints. Returns (entry fields, lm-eval's raw results, its samples); `latency` holds the
-    workers' measurement with its `memory` and `load_s`."""
+    workers' measurement with its `memory` and `load_s`, `pool` the pool's stats of the scoring."""
     t0 = time.time()
     raw = score_with_pool(pool, path, specs, tm, seed, limit)
     eval_s = time.time() - t0
@@ -111,7 +111,7 @@ def score_and_time(pool, path: str, specs, tm, seed: int, limit: int | None, lat
     mean, mean_se = mean_accuracy(tasks)
     entry = {"path": path, "bytes": dir_bytes(path) if Path(path).exists() else None, "quantized": is_quantized(path),
              "backend": "vllm", "tasks": tasks, "mean_acc": mean, "mean_acc_stderr": mean_se,
-             "eval_s": round(eval_s, 2), "latency": None}
+             "eval_s": round(eval_s, 2), "pool": dict(pool.stats), "latency": None}  # the scoring's pool stats
     if lat is not None:
         entry["latency"] = pool.measure(path, prompt_tokens=lat.prompt_tokens, new_tokens=lat.new_tokens,
                                         repeats=lat.repeats, batch_sizes=list(lat.batch_sizes))
@@ -122,8 +122,8 @@ def evaluate_one(pool, name: str, path: str, cfg, specs, tm, out: Path, latency:
     """Score and time one model; write `<out>/<name>/` (results.json last). Returns the entry."""
     core, raw, samples = score_and_time(pool, path, specs, tm, cfg.seed, cfg.tasks.eval_limit,
                                         cfg.evaluate.latency if latency else None)
-    m = core.pop("latency")
-    entry = {"name": name, **core, "workers": pool.workers, "pool": dict(pool.stats),
+    m, stats = core.pop("latency"), core.pop("pool")
+    entry = {"name": name, **core, "workers": pool.workers, "pool": stats,
              "latency": None, "memory": None, "key": _key(cfg, path, specs, latency)}
     if m:
         entry["memory"] = m.pop("memory")
@@ -157,7 +157,7 @@ def evaluate_run_models(paths: dict[str, str], ctx, cfg, specs, tm, out: Path) -
                                                 cfg.latency if cfg.latency.enabled else None)
             write_json(out / "lmeval" / f"{name}.json", raw)
             write_jsonl(out / "lmeval" / f"{name}_samples.jsonl", sample_rows(samples, specs))
-            m = core.pop("latency")
+            m, _ = core.pop("latency"), core.pop("pool")
             entry = {**core, "params": None, "load_s": None, "latency": None, "memory": None}
             if m:
                 entry["memory"] = m.pop("memory")

@@ -213,8 +213,24 @@ def exit_program(code: int) -> None:
 
 
 def entry() -> None:
-    """The `refinery` program."""
-    exit_program(main())
+    """The `refinery` program: `main`'s exit code, also when it raises (an error after Ray was used must
+    not hang either)."""
+    try:
+        code = main()
+    except SystemExit as e:  # argparse, and handlers that exit
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # noqa: BLE001 (the program ends here: print it, exit 1)
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    exit_program(code)
 
 
 if __name__ == "__main__":

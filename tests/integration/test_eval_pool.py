@@ -126,7 +126,9 @@ def test_killed_worker_is_restarted_and_nothing_counts_twice(pool, cfg, specs, t
     killed = {}
 
     def kill_after_first_chunk(p, done):
-        if done == 1 and not killed:  # later chunks are queued on or running in this actor
+        if done == 1 and not killed:
+            # info() runs after the chunks already queued on the actor; the rest go to the restarted one
+            # (a kill in the middle of a task, and its retry: tests/integration/test_pool.py)
             killed["pid"] = p.info()[0]["pid"]
             os.kill(killed["pid"], signal.SIGKILL)  # the worker's process dies: Ray restarts the actor
 

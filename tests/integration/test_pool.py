@@ -15,8 +15,11 @@ pytestmark = pytest.mark.integration
 class Toy:
     """Each call appends its pid to `<marks>/<item>`; `kind` says what the call does."""
 
-    def __init__(self, marks: str):
-        self.marks = Path(marks)
+    def __init__(self, marks: str, payload: str = ""):
+        self.marks, self.payload = Path(marks), payload
+
+    def data(self) -> str:
+        return self.payload
 
     def pid(self) -> int:
         return os.getpid()
@@ -51,7 +54,9 @@ def _attempts(marks: Path, x: int) -> list[int]:
 def test_a_killed_actor_is_restarted_and_its_task_rerun(ray_local, tmp_path):
     from refinery.core.pool import ActorPool
 
-    pool = ActorPool(Toy, 1, args=(str(tmp_path),), max_restarts=2, inflight=2)
+    # a constructor argument from the object store (as the GPTQ workers' calibration data): only the
+    # pool holds its reference, and the restarted actor is built from it again
+    pool = ActorPool(Toy, 1, args=(str(tmp_path), ray_local.put("from the store")), max_restarts=2, inflight=2)
     try:
         first = pool.call("pid")[0]
         items = [("ok", 0), ("die_once", 1), ("ok", 2), ("ok", 3)]
@@ -62,7 +67,7 @@ def test_a_killed_actor_is_restarted_and_its_task_rerun(ray_local, tmp_path):
         one = _attempts(tmp_path, 1)
         assert len(one) == 2 and one[0] == first and one[1] != first  # run again in the new process
         assert {v[1] for i, _, v in out if i != 0} == {one[1]}  # the rest ran in the restarted actor
-        assert pool.call("pid") == [one[1]]
+        assert pool.call("pid") == [one[1]] and pool.call("data") == ["from the store"]
     finally:
         pool.close()
 

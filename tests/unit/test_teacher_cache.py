@@ -66,3 +66,19 @@ def test_scaled_logits_make_the_teacher_run_live(smollm2, caplog):
         teacher = Teacher(model, _rows(tok), tok.pad_token_id, torch.device("cpu"), cache=True, batch_size=16)
     assert teacher.hidden is None
     assert "not lm_head(last hidden state)" in caplog.text and "running the teacher live" in caplog.text
+
+
+def test_a_cache_that_does_not_match_the_rows_is_refused(smollm2, caplog, monkeypatch):
+    """Hidden states one position off (a padding or slicing fault) fail the end-to-end check."""
+    from transformers import AutoModelForCausalLM
+
+    from refinery.train.teacher import Teacher
+
+    path, tok = smollm2
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    made = Teacher._hidden_states
+    monkeypatch.setattr(Teacher, "_hidden_states",
+                        lambda self, seqs, bs: [h.roll(1, dims=0) for h in made(self, seqs, bs)])
+    with caplog.at_level(logging.WARNING, logger="refinery.train"):
+        teacher = Teacher(model, _rows(tok), tok.pad_token_id, torch.device("cpu"), cache=True, batch_size=16)
+    assert teacher.hidden is None and "differ from the live ones" in caplog.text
