@@ -10,7 +10,9 @@ scaling) and when it fits in memory; otherwise the teacher runs live.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -61,13 +63,8 @@ class Teacher:
         faults of the cache itself."""
         probe = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))[:2]
         ids, attn = collate([seqs[i] for i in probe], self.pad_id)
-        captured: list[torch.Tensor] = []
-        hook = self.model.get_decoder().register_forward_hook(
-            lambda mod, args, out: captured.append(out.last_hidden_state))
-        try:
+        with self._capture() as captured:
             live = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
-        finally:
-            hook.remove()
         same_forward = torch.nn.functional.linear(captured[-1], self.head_w, self.head_b)
         keep = attn.bool().to(self.device)
         live = live[keep].float()
@@ -76,25 +73,31 @@ class Teacher:
         tv = 0.5 * (live.softmax(-1) - cached.softmax(-1)).abs().sum(-1).max().item()
         return err, live.abs().max().item(), tv
 
-    @torch.no_grad()
-    def _hidden_states(self, seqs: list[list[int]], batch_size: int) -> list[torch.Tensor]:
-        # The body's post-norm output, captured by a hook during a root forward: calling the
-        # body alone would skip the root's FSDP2 all-gather (embeddings live in the root unit).
+    @contextlib.contextmanager
+    def _capture(self) -> Iterator[list[torch.Tensor]]:
+        """The decoder body's post-norm output of each forward run inside, captured by a hook during a
+        root forward: calling the body alone would skip the root's FSDP2 all-gather (embeddings live in
+        the root unit)."""
         captured: list[torch.Tensor] = []
         hook = self.model.get_decoder().register_forward_hook(
             lambda mod, args, out: captured.append(out.last_hidden_state))
+        try:
+            yield captured
+        finally:
+            hook.remove()
+
+    @torch.no_grad()
+    def _hidden_states(self, seqs: list[list[int]], batch_size: int) -> list[torch.Tensor]:
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # little padding per batch
         out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
-        try:
+        with self._capture() as captured:
             for k in range(0, len(order), batch_size):
                 chunk = order[k:k + batch_size]
                 ids, attn = collate([seqs[i] for i in chunk], self.pad_id)
-                captured.clear()
+                captured.clear()  # one batch's hidden states held at a time
                 self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), logits_to_keep=1)
                 for j, i in enumerate(chunk):
                     out[i] = captured[-1][j, :len(seqs[i])].clone()
-        finally:
-            hook.remove()
         head = self.model.get_output_embeddings()
         full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731 (FSDP2 shards)
         self.head_w = full(head.weight).detach()

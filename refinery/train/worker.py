@@ -14,7 +14,7 @@ from pathlib import Path
 from refinery.core.config import build
 from refinery.core.manifest import write_json
 from refinery.core.models import ModelsConfig
-from refinery.core.proc import quiet_logbar, setup_logging
+from refinery.core.proc import setup_logging
 from refinery.core.stage import Context
 from refinery.core.tasks import TasksConfig
 from refinery.train.config import DistillConfig
@@ -22,8 +22,8 @@ from refinery.train.config import DistillConfig
 
 def main(spec_path: str) -> int:
     rank = int(os.environ.get("RANK", "0"))
+    # (also makes GPTQModel's logger quiet before the trainer's imports bring it in: its banner)
     setup_logging(logging.INFO if rank == 0 else logging.WARNING, fmt=f"%(asctime)s [rank {rank}] %(name)s %(message)s")
-    quiet_logbar()  # before the trainer's imports bring in GPTQModel (its banner)
     from refinery.train.trainer import train
 
     if not Path(spec_path).is_file():  # written by node 0 before any worker starts
